@@ -1,0 +1,275 @@
+"""The trainer's configuration: base defaults, the allowed values, and validation.
+
+A recipe (``configs/<name>.py``) defines ``get_config()`` that starts from ``base_config()``
+and changes fields. ``base_config()`` returns a *locked* ``ml_collections.ConfigDict``, so a
+recipe or a command-line override that names a field that does not exist fails at once.
+``validate(config)`` checks everything else (types, allowed values, cross-field rules) and
+raises ``ConfigError`` naming the key, the bad value, and the allowed values or close
+matches.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import ml_collections
+
+from jaxalign import parallel
+
+__all__ = [
+    "ALLOWED",
+    "ConfigError",
+    "base_config",
+    "close_matches",
+    "config_diff",
+    "flatten",
+    "grad_accum_steps",
+    "micro_batch_size",
+    "validate",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration error; the message names the key and what is allowed."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Defaults for every field the trainer reads (one comment per field), locked."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # PRNG seed: parameter init (heads), data shuffling, per-step RNG
+    c.steps = 1000  # total optimizer steps; 0 = derive from `epochs`
+    c.epochs = 0.0  # used when steps == 0: steps = ceil(epochs * pairs / batch_size)
+    c.log_every = 10  # write metrics (JSONL, TensorBoard, progress bar) every N steps
+    c.eval_every = 100  # evaluate on held-out pairs every N steps (0 = only at start and end)
+    c.checkpoint_every = 500  # save a checkpoint every N steps (0 = only at the end)
+    c.progress_bar = True  # show a tqdm progress bar on process 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.path = ""  # Hugging Face checkpoint directory (config.json + *.safetensors)
+    c.model.tokenizer = ""  # tokenizer directory; "" = model.path
+    c.model.create_if_missing = False  # write a tiny random model + tokenizer at model.path if absent
+    c.model.dtype = "float32"  # compute dtype of the forward pass
+    c.model.param_dtype = "float32"  # dtype of the trained (master) parameters
+    c.model.remat = "none"  # per-layer rematerialisation: none | full | dots_saveable | dots_with_no_batch_dims_saveable
+    c.model.logits_chunk = 0  # sequence chunk for the log-prob unembedding (0 = library default)
+    c.model.tiny = ml_collections.ConfigDict()  # the model written when create_if_missing
+    c.model.tiny.family = "llama"  # llama | gpt2
+    c.model.tiny.hidden_size = 64  # width of the residual stream
+    c.model.tiny.num_layers = 2  # decoder layers
+    c.model.tiny.num_heads = 4  # attention heads
+    c.model.tiny.num_kv_heads = 2  # key/value heads (llama; GQA when < num_heads)
+    c.model.tiny.intermediate_size = 128  # MLP width
+    c.model.tiny.vocab_size = 1024  # BPE vocabulary size of the tokenizer trained for it
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = ""  # training file(s): comma-separated paths or globs (jsonl[.gz], parquet), or tfds:NAME
+    c.data.eval = ""  # held-out file(s); "" = hold out `eval_pairs` records of `train`
+    c.data.eval_pairs = 64  # records held out from `train` when `eval` is empty (0 = no eval)
+    c.data.format = "auto"  # record format (see ALLOWED["data.format"])
+    c.data.max_length = 512  # max tokens of prompt + completion
+    c.data.max_prompt_length = 256  # max prompt tokens (cut from the left)
+    c.data.batch_size = 8  # pairs (examples for SFT) per optimizer step, over all processes
+    c.data.micro_batch_size = 0  # pairs per gradient-accumulation micro-batch (0 = batch_size)
+    c.data.packing = False  # pack several sequences per row (segment ids)
+    c.data.buckets = (64, 128, 256, 512)  # padded row lengths (a batch uses the smallest that fits)
+    c.data.shuffle = True  # reshuffle every epoch (seeded by `seed`)
+    c.data.on_bad_record = "error"  # error | skip (skipped records are counted and reported)
+    c.data.synthetic_pairs = 512  # records written for data.train = "synthetic:DIR"
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.name = "dpo"  # see ALLOWED["loss.name"]
+    c.loss.beta = 0.1  # inverse temperature of the implicit reward (DPO family, VPO, DOVE)
+    c.loss.label_smoothing = 0.0  # cDPO: assumed label-flip rate (dpo only; 0 = plain DPO)
+    c.loss.epsilon = 0.1  # rDPO: known label-flip rate in [0, 0.5)
+    c.loss.ipo_normalize = True  # IPO: divide each log-ratio by its completion length (TRL); False = sums
+    c.loss.vpo_alpha = 0.1  # VPO: value-regulariser weight (the term is alpha*beta*mean log-ratio)
+    c.loss.vpo_mode = "offline"  # VPO: offline (pessimism, sign -1) | online (optimism, +1)
+    c.loss.vpo_calibration = "chosen"  # VPO calibration samples: chosen | reference_samples
+    c.loss.vpo_max_new_tokens = 32  # VPO reference_samples: tokens sampled per prompt
+    c.loss.reward_margin = 0.0  # Bradley-Terry: margin subtracted from the reward difference
+
+    c.reference = ml_collections.ConfigDict()
+    c.reference.mode = "frozen"  # frozen | precomputed | none (reference-free)
+    c.reference.path = ""  # reference checkpoint; "" = model.path (the initial policy)
+    c.reference.cache_dir = ""  # precomputed log-prob cache; "" = WORKDIR/reference_cache
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "adamw"  # adamw | sgd | adafactor
+    c.optimizer.learning_rate = 1e-6  # peak learning rate
+    c.optimizer.warmup_steps = 0  # linear warmup from 0 to the peak
+    c.optimizer.schedule = "cosine"  # after warmup: cosine | linear (decay to end_factor*peak) | constant
+    c.optimizer.end_factor = 0.0  # final learning rate as a fraction of the peak
+    c.optimizer.max_grad_norm = 1.0  # clip the global gradient norm (0 = no clipping)
+    c.optimizer.weight_decay = 0.0  # decoupled weight decay on matrices (ndim >= 2)
+    c.optimizer.b1 = 0.9  # adamw beta1
+    c.optimizer.b2 = 0.999  # adamw beta2
+    c.optimizer.eps = 1e-8  # adamw epsilon
+    c.optimizer.momentum = 0.0  # sgd momentum (0 = plain SGD)
+
+    c.mesh = parallel.mesh_config()  # device mesh axes data, fsdp, tensor (see jaxalign.parallel)
+    c.distributed = parallel.distributed_config()  # multi-host start-up (see jaxalign.parallel)
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.keep = 3  # keep the last N checkpoints
+    c.checkpoint.keep_best = ""  # also keep the best checkpoint by this eval metric ("" = off)
+    c.checkpoint.best_mode = "min"  # min | max for keep_best
+    c.checkpoint.async_save = True  # write checkpoints in a background thread
+    c.checkpoint.export = True  # write a Hugging Face checkpoint to WORKDIR/export at the end
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 8  # pairs per eval batch
+    c.eval.max_batches = 0  # cap on eval batches per evaluation (0 = all held-out pairs)
+    c.eval.at_start = True  # evaluate before the first step (the starting point of the curves)
+
+    c.lock()
+    return c
+
+
+# Fields with a closed set of values.
+ALLOWED: dict[str, tuple[str, ...]] = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"),
+    "model.tiny.family": ("llama", "gpt2"),
+    "data.format": ("auto", "standard", "conversational", "implicit", "dove", "sft"),
+    "data.on_bad_record": ("error", "skip"),
+    "loss.name": (
+        "dpo", "ipo", "hinge", "rdpo", "vpo", "dove", "sft", "bradley_terry",
+    ),
+    "loss.vpo_mode": ("offline", "online"),
+    "loss.vpo_calibration": ("chosen", "reference_samples"),
+    "reference.mode": ("frozen", "precomputed", "none"),
+    "optimizer.name": ("adamw", "sgd", "adafactor"),
+    "optimizer.schedule": ("cosine", "linear", "constant"),
+    "checkpoint.best_mode": ("min", "max"),
+}
+
+# Fields that must be >= 1 / >= 0.
+_POSITIVE = ("data.batch_size", "data.max_length", "data.max_prompt_length", "eval.batch_size", "log_every")
+_NON_NEGATIVE = (
+    "steps", "epochs", "eval_every", "checkpoint_every", "data.micro_batch_size", "data.eval_pairs",
+    "optimizer.learning_rate", "optimizer.warmup_steps", "optimizer.max_grad_norm",
+    "optimizer.weight_decay", "checkpoint.keep", "eval.max_batches", "model.logits_chunk",
+)
+
+
+def flatten(config: Mapping[str, Any] | ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b.c": value}`` for every leaf of a nested config."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, (ml_collections.ConfigDict, Mapping)):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def close_matches(name: str, candidates: list[str] | tuple[str, ...], n: int = 3) -> list[str]:
+    """Up to ``n`` candidates close to ``name`` (whole dotted path, then its last part)."""
+    found = difflib.get_close_matches(name, candidates, n=n, cutoff=0.6)
+    if not found:
+        last = name.rsplit(".", 1)[-1]
+        by_last = {c.rsplit(".", 1)[-1]: c for c in candidates}
+        found = [by_last[m] for m in difflib.get_close_matches(last, list(by_last), n=n, cutoff=0.6)]
+    return found
+
+
+def _unknown_key_message(name: str, known: list[str]) -> str:
+    matches = close_matches(name, known)
+    hint = f"; did you mean {', '.join(repr(m) for m in matches)}?" if matches else ""
+    return f"unknown config key {name!r}{hint}"
+
+
+def _type_ok(value: Any, default: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return True
+
+
+def _iter_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
+    schema = flatten(base_config())
+    values = flatten(config)
+    known = list(schema)
+    for name, value in values.items():
+        if name not in schema:
+            yield _unknown_key_message(name, known)
+            continue
+        default = schema[name]
+        if not _type_ok(value, default):
+            yield f"config key {name!r} must be of type {type(default).__name__}, got {value!r}"
+            continue
+        if name in ALLOWED and value not in ALLOWED[name]:
+            allowed = ", ".join(ALLOWED[name])
+            matches = difflib.get_close_matches(str(value), ALLOWED[name], n=1)
+            hint = f" (did you mean {matches[0]!r}?)" if matches else ""
+            yield f"config key {name!r} = {value!r} is not allowed{hint}; allowed: {allowed}"
+    for name in schema:
+        if name not in values:
+            yield f"config key {name!r} is missing (recipes must start from base_config())"
+    get = values.get
+    for name in _POSITIVE:
+        if isinstance(get(name), (int, float)) and get(name) < 1:
+            yield f"config key {name!r} must be >= 1, got {get(name)!r}"
+    for name in _NON_NEGATIVE:
+        if isinstance(get(name), (int, float)) and get(name) < 0:
+            yield f"config key {name!r} must be >= 0, got {get(name)!r}"
+    batch, micro = get("data.batch_size"), get("data.micro_batch_size")
+    if isinstance(batch, int) and isinstance(micro, int) and micro > 0 and batch % micro:
+        yield (
+            f"config key 'data.batch_size' = {batch} must be a multiple of "
+            f"'data.micro_batch_size' = {micro}"
+        )
+    if get("steps") == 0 and not get("epochs"):
+        yield "config keys 'steps' and 'epochs' are both 0: set one of them"
+    if get("data.max_prompt_length", 0) >= get("data.max_length", 1):
+        yield (
+            f"config key 'data.max_prompt_length' = {get('data.max_prompt_length')} must be "
+            f"smaller than 'data.max_length' = {get('data.max_length')}"
+        )
+    eps = get("loss.epsilon")
+    if isinstance(eps, float) and not 0.0 <= eps < 0.5:
+        yield f"config key 'loss.epsilon' must lie in [0, 0.5), got {eps}"
+    ls = get("loss.label_smoothing")
+    if isinstance(ls, float) and not 0.0 <= ls < 0.5:
+        yield f"config key 'loss.label_smoothing' must lie in [0, 0.5), got {ls}"
+    if not get("data.train"):
+        yield "config key 'data.train' is empty: name the training data"
+    if not get("model.path"):
+        yield "config key 'model.path' is empty: name a Hugging Face checkpoint directory"
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Raises ``ConfigError`` listing every problem; returns the config when it is valid."""
+    problems = list(_iter_problems(config))
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+    return config
+
+
+def micro_batch_size(config: ml_collections.ConfigDict) -> int:
+    """Pairs per micro-batch (``data.micro_batch_size``, or the whole batch when 0)."""
+    return config.data.micro_batch_size or config.data.batch_size
+
+
+def grad_accum_steps(config: ml_collections.ConfigDict) -> int:
+    """Micro-batches per optimizer step."""
+    return config.data.batch_size // micro_batch_size(config)
+
+
+def config_diff(
+    saved: Mapping[str, Any], current: Mapping[str, Any], *, ignore: tuple[str, ...] = ()
+) -> list[str]:
+    """Dotted keys whose values differ between two flattened configs (missing counts as differing)."""
+    keys = sorted(set(saved) | set(current))
+    return [k for k in keys if k not in ignore and saved.get(k, object()) != current.get(k, object())]

@@ -1,0 +1,98 @@
+"""The model forward passes the train step needs, on parameters held as a plain pytree.
+
+The model is split once outside ``jit`` (``graphdef, params = nnx.split(model, nnx.Param)``)
+and merged inside (``nnx.merge(graphdef, params)``), following docs/architecture.md. All
+per-token and per-sequence quantities are float32.
+
+* ``token_logps``: label-aligned per-token log-probs ``[R, L]`` from the final hidden states
+  and the unembedding, computed ``chunk`` positions at a time so that no float32
+  ``[R, L, V]`` logits array exists.
+* ``sequence_logps``: per-sequence sums ``sum_t loss_mask * logp`` and token counts over the
+  batch's ``sequence_ids`` (works for padded and packed layouts alike).
+* ``sequence_rewards``: a scalar reward per sequence, ``h_last . w + b``, where ``h_last`` is
+  the final hidden state at the sequence's last token (its last non-padding token).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxalign import losses
+
+__all__ = ["hidden_states", "init_reward_head", "logits_chunk_size", "sequence_logps", "sequence_rewards", "token_logps"]
+
+Batch = dict[str, jax.Array]
+
+# Budget for one chunk of float32 logits: rows * chunk * vocab * 4 bytes.
+_CHUNK_BYTES = 256 * 2**20
+
+
+def logits_chunk_size(rows: int, length: int, vocab: int, requested: int = 0) -> int:
+    """Sequence positions per unembedding chunk: ``requested`` if > 0, else the largest
+    chunk (at least 16, at most ``length``) whose float32 logits fit in 256 MiB."""
+    if requested > 0:
+        return min(requested, length)
+    fits = _CHUNK_BYTES // max(rows * vocab * 4, 1)
+    return int(max(min(fits, length), min(16, length)))
+
+
+def hidden_states(graphdef: nnx.GraphDef, params: Any, batch: Batch) -> tuple[jax.Array, Any]:
+    """Final hidden states ``[R, L, D]`` (after the final norm) and the merged model."""
+    model = nnx.merge(graphdef, params)
+    hidden = model.hidden_states(
+        batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"]
+    )
+    return hidden, model
+
+
+def token_logps(graphdef: nnx.GraphDef, params: Any, batch: Batch, *, chunk: int = 0) -> jax.Array:
+    """Label-aligned float32 log-probs ``[R, L]`` of the batch's tokens under the model."""
+    hidden, model = hidden_states(graphdef, params, batch)
+    unembedding = model.unembedding()
+    rows, length = batch["input_ids"].shape
+    size = logits_chunk_size(rows, length, unembedding.shape[-1], chunk)
+    return losses.token_logps_from_hidden(
+        hidden, unembedding, batch["input_ids"], chunk_size=size, segment_ids=batch["segment_ids"]
+    )
+
+
+def sequence_logps(
+    graphdef: nnx.GraphDef, params: Any, batch: Batch, *, num_sequences: int, chunk: int = 0
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(token_logps [R, L], sums [S], counts [S])`` with ``S = num_sequences``."""
+    tokens = token_logps(graphdef, params, batch, chunk=chunk)
+    sums, counts = losses.segment_logps(
+        tokens, batch["loss_mask"], batch["sequence_ids"], num_sequences=num_sequences
+    )
+    return tokens, sums, counts
+
+
+def last_token_index(sequence_ids: jax.Array, num_sequences: int) -> jax.Array:
+    """Flat index (into ``[R * L]``) of each sequence's last token; 0 for an empty sequence."""
+    flat = sequence_ids.reshape(-1)
+    positions = jnp.arange(flat.shape[0], dtype=jnp.int32)
+    valid = flat >= 0
+    index = jax.ops.segment_max(
+        jnp.where(valid, positions, -1), jnp.where(valid, flat, 0), num_segments=num_sequences
+    )
+    return jnp.maximum(index, 0)
+
+
+def init_reward_head(hidden_size: int, seed: int) -> dict[str, jax.Array]:
+    """A scalar head ``{"kernel": [D], "bias": []}``, kernel ~ N(0, 1/D), bias 0 (float32)."""
+    kernel = jax.random.normal(jax.random.PRNGKey(seed), (hidden_size,), jnp.float32) / jnp.sqrt(hidden_size)
+    return {"kernel": kernel, "bias": jnp.zeros((), jnp.float32)}
+
+
+def sequence_rewards(
+    graphdef: nnx.GraphDef, params: Any, head: dict[str, jax.Array], batch: Batch, *, num_sequences: int
+) -> jax.Array:
+    """Float32 rewards ``[S]``: the head applied to each sequence's last-token hidden state."""
+    hidden, _ = hidden_states(graphdef, params, batch)
+    flat = hidden.reshape(-1, hidden.shape[-1]).astype(jnp.float32)
+    last = flat[last_token_index(batch["sequence_ids"], num_sequences)]
+    return last @ head["kernel"] + head["bias"]
