@@ -1,0 +1,103 @@
+"""The interface every decoder implements (docs/architecture.md, "Model").
+
+A subclass provides ``embed(input_ids, positions)``, ``layers`` (an ``nnx.List`` of blocks called
+as ``block(x, positions, mask, kv, index) -> (x, kv)``), ``final_norm(x)`` and ``unembedding()``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxalign.models.attention import dot_product_attention, make_attention_mask, resolve_positions_and_segments
+from jaxalign.models.cache import KVCache, write_slots
+from jaxalign.models.config import ModelConfig, remat_policy
+
+
+def _apply_block(block, x, positions, mask):
+    return block(x, positions, mask, None, None)[0]
+
+
+class CausalLM(nnx.Module):
+    config: ModelConfig
+
+    def embed(self, input_ids: jax.Array, positions: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def final_norm(self, x: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def unembedding(self) -> jax.Array:
+        """The output projection ``[D, V]`` in the compute dtype (the embedding, transposed, when tied)."""
+        raise NotImplementedError
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+                 positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+        """Float32 logits ``[B, L, V]``; ``logits[:, t]`` scores token ``t + 1``.
+
+        ``positions``/``segment_ids`` default to those implied by ``attention_mask``
+        (see ``resolve_positions_and_segments``), so left and right padding both work.
+        """
+        h = self.hidden_states(input_ids, attention_mask, positions=positions, segment_ids=segment_ids)
+        return self.logits(h)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """``hidden [..., D] @ unembedding() -> [..., V]``, accumulated and returned in float32."""
+        return jnp.einsum("...d,dv->...v", hidden, self.unembedding(), preferred_element_type=jnp.float32)
+
+    def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+                      positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+        """Final-norm hidden states ``[B, L, D]`` in the compute dtype."""
+        positions, segment_ids = resolve_positions_and_segments(input_ids, attention_mask, positions, segment_ids)
+        index = jnp.arange(input_ids.shape[1])
+        mask = make_attention_mask(index, index, segment_ids, segment_ids, positions, positions,
+                              self.config.sliding_window)
+        run = _apply_block
+        if self.config.remat != "none":
+            run = nnx.remat(_apply_block, policy=remat_policy(self.config.remat))
+        x = self.embed(input_ids, positions)
+        for block in self.layers:
+            x = run(block, x, positions, mask)
+        return self.final_norm(x)
+
+    def init_cache(self, batch_size: int, size: int) -> KVCache:
+        """An empty cache for ``batch_size`` rows of ``size`` slots, in the compute dtype."""
+        c = self.config
+        return KVCache.empty(c.num_layers, batch_size, size, c.num_kv_heads, c.head_dim, c.dtype)
+
+    def decode(self, input_ids: jax.Array, cache: KVCache, *, positions: jax.Array,
+               segment_ids: jax.Array) -> tuple[jax.Array, KVCache]:
+        """Run ``input_ids [B, T]`` against ``cache``, writing them at its next ``T`` slots.
+
+        Prefill is a call with the whole (left- or right-padded) prompt into an empty cache; a
+        decode step is a call with one token per row. Returns float32 logits ``[B, T, V]`` and
+        the updated cache. The caller sizes the cache: writing past its end is an error when
+        the index is concrete (and is clamped by XLA under ``jit``).
+        """
+        t = input_ids.shape[1]
+        start = cache.index
+        if not isinstance(start, jax.core.Tracer) and int(start) + t > cache.size:
+            raise ValueError(f"KV cache overflow: {int(start)} + {t} tokens > {cache.size} slots")
+        positions = jnp.asarray(positions, jnp.int32)
+        segment_ids = jnp.asarray(segment_ids, jnp.int32)
+        all_segments = write_slots(cache.segment_ids, segment_ids, start)
+        all_positions = write_slots(cache.positions, positions, start)
+        mask = make_attention_mask(start + jnp.arange(t), jnp.arange(cache.size), segment_ids, all_segments,
+                              positions, all_positions, self.config.sliding_window)
+        x = self.embed(input_ids, positions)
+        keys, values = [], []
+        for block, k, v in zip(self.layers, cache.keys, cache.values, strict=True):
+            x, (k, v) = block(x, positions, mask, (k, v), start)
+            keys.append(k)
+            values.append(v)
+        logits = self.logits(self.final_norm(x))
+        return logits, KVCache(tuple(keys), tuple(values), all_segments, all_positions, start + t)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, kv, index, scale: float):
+    """Attention of ``q`` over this call's ``k, v`` (no cache) or over the cache with them written in."""
+    if kv is None:
+        return dot_product_attention(q, k, v, mask, scale), None
+    k_all, v_all = write_slots(kv[0], k, index), write_slots(kv[1], v, index)
+    return dot_product_attention(q, k_all, v_all, mask, scale), (k_all, v_all)

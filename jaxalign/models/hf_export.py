@@ -1,0 +1,118 @@
+"""Writing our decoder as a Hugging Face checkpoint that ``transformers`` (and vLLM etc.) load.
+
+Output: ``config.json`` (with ``architectures``), ``model.safetensors`` or, above
+``max_shard_size``, ``model-0000i-of-0000n.safetensors`` shards plus
+``model.safetensors.index.json``, and the tokenizer files when a tokenizer is given. Tensors
+are gathered to the host one shard at a time. In a multi-process run every process must call
+``save_pretrained`` (gathering is collective); only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from jaxalign.models.causal_lm import CausalLM
+from jaxalign.models.config import to_hf_config
+from jaxalign.models.hf_import import INDEX_FILE, SINGLE_FILE
+from jaxalign.models.hf_names import tensor_mappings
+from jaxalign.models.safetensors_io import save_file
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+_SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in ``size``: an int, or a string like ``"5GB"``, ``"200MB"``, ``"64KiB"``."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(size))
+    if not match or match.group(2).upper() not in _UNITS:
+        raise ValueError(f"max_shard_size {size!r} is not a size like 5GB, 200MB or 1048576")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _plan_shards(sizes: list[int], limit: int) -> list[list[int]]:
+    """Consecutive groups of tensor indices, each under ``limit`` bytes (a bigger tensor alone)."""
+    shards: list[list[int]] = [[]]
+    total = 0
+    for i, size in enumerate(sizes):
+        if shards[-1] and total + size > limit:
+            shards.append([])
+            total = 0
+        shards[-1].append(i)
+        total += size
+    return shards
+
+
+def _check_destination(path: Path, overwrite: bool):
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a directory")
+    existing = [p.name for p in path.iterdir()
+                if p.name in ("config.json", SINGLE_FILE, INDEX_FILE) or _SHARD_FILE.fullmatch(p.name)]
+    if existing and not overwrite:
+        raise FileExistsError(f"{path} already holds a checkpoint ({sorted(existing)}); pass overwrite=True to replace it")
+    for name in existing:
+        if name != "config.json":
+            (path / name).unlink()
+
+
+def save_pretrained(model: CausalLM, path: str | os.PathLike, *, tokenizer=None,
+                    max_shard_size: int | str = "5GB", dtype=None, overwrite: bool = False) -> Path:
+    """Write ``model`` (and ``tokenizer``) to ``path`` as an HF checkpoint; returns ``path``.
+
+    ``dtype`` (default: the parameters' dtype) is the dtype tensors are stored in. An existing
+    checkpoint in ``path`` is only replaced with ``overwrite=True`` (stale shards are removed).
+    """
+    cfg = model.config
+    path = Path(path)
+    if tokenizer is not None and len(tokenizer) > cfg.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {cfg.vocab_size}")
+    limit = parse_size(max_shard_size)
+    writer = jax.process_index() == 0
+    if writer:
+        _check_destination(path, overwrite)
+        path.mkdir(parents=True, exist_ok=True)
+    store_dtype = np.dtype(cfg.param_dtype if dtype is None else dtype)
+    params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    mappings = tensor_mappings(cfg)
+    sizes = [int(np.prod(m.hf_shape)) * store_dtype.itemsize for m in mappings]
+    shards = _plan_shards(sizes, limit)
+    names = [SINGLE_FILE] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
+    ]
+    weight_map = {}
+    for name, members in zip(names, shards, strict=True):
+        tensors = {}
+        for i in members:
+            m = mappings[i]
+            tensors[m.hf_name] = m.to_hf(_to_host(params[m.path][...]).astype(store_dtype))
+            weight_map[m.hf_name] = name
+        if writer:
+            save_file(tensors, path / name, metadata={"format": "pt"})
+    if not writer:
+        return path
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+        (path / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    hf_config = to_hf_config(cfg)
+    hf_config.dtype = store_dtype.name
+    hf_config.save_pretrained(str(path))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(path))
+    return path

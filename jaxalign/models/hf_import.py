@@ -1,0 +1,159 @@
+"""Loading a local Hugging Face checkpoint directory into our decoder, without torch.
+
+1. ``config.json`` -> ``transformers.AutoConfig`` (local files only) -> ``ModelConfig``.
+2. The decoder is built abstractly (``nnx.eval_shape``: shapes and logical axes, no memory).
+3. Each parameter's HF tensor is read lazily from ``model.safetensors`` or the shards listed in
+   ``model.safetensors.index.json``, transposed/reshaped to our layout, cast to
+   ``param_dtype`` and placed with ``sharding_fn(logical_axes, shape)``: each device receives
+   only its shard, read straight from the memory-mapped file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxalign.models.build import abstract_model
+from jaxalign.models.causal_lm import CausalLM
+from jaxalign.models.config import FAMILIES, ModelConfig, from_hf_config
+from jaxalign.models.errors import CheckpointError, UnsupportedModelError
+from jaxalign.models.hf_names import TensorMapping, tensor_mappings
+from jaxalign.models.safetensors_io import SafetensorsFile
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+ShardingFn = Callable[[tuple[str | None, ...], tuple[int, ...]], jax.sharding.Sharding]
+
+log = logging.getLogger(__name__)
+
+
+def load_config(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                remat: str = "none") -> ModelConfig:
+    """``ModelConfig`` of the checkpoint directory ``path`` (its ``config.json``)."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file} does not exist (a checkpoint directory needs config.json)")
+    try:
+        raw = json.loads(config_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{config_file}: not valid JSON ({e})") from e
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if model_type not in FAMILIES:
+        raise UnsupportedModelError(
+            f"{config_file}: model_type={model_type!r} (architectures={raw.get('architectures')}) is not "
+            f"supported; supported model types: {FAMILIES}"
+        )
+    from transformers import AutoConfig
+
+    hf = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    return from_hf_config(hf, dtype=dtype, param_dtype=param_dtype, remat=remat, source=str(config_file))
+
+
+class CheckpointTensors:
+    """Name -> file lookup over a directory's single or sharded safetensors weights."""
+
+    def __init__(self, path: Path):
+        self.root = path
+        index, single = path / INDEX_FILE, path / SINGLE_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                if not isinstance(weight_map, dict):
+                    raise TypeError("weight_map is not an object")
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: corrupt safetensors index ({e!r})") from e
+            self.weight_map = {name: path / file for name, file in weight_map.items()}
+            self.source = index
+        elif single.is_file():
+            self.weight_map = None
+            self.source = single
+        else:
+            present = sorted(p.name for p in path.iterdir())
+            raise CheckpointError(
+                f"{path} holds neither {SINGLE_FILE} nor {INDEX_FILE} (found: {present}); "
+                "only safetensors weights are supported"
+            )
+        self._files: dict[Path, SafetensorsFile] = {}
+        if self.weight_map is None:
+            self._files[single] = SafetensorsFile(single)
+
+    def _file(self, file: Path) -> SafetensorsFile:
+        if file not in self._files:
+            self._files[file] = SafetensorsFile(file)
+        return self._files[file]
+
+    def locate(self, name: str) -> Path | None:
+        if self.weight_map is None:
+            single = self.root / SINGLE_FILE
+            return single if name in self._files[single] else None
+        return self.weight_map.get(name)
+
+    def names(self) -> set[str]:
+        if self.weight_map is None:
+            return set(self._files[self.root / SINGLE_FILE].keys())
+        return set(self.weight_map)
+
+    def read(self, m: TensorMapping) -> tuple[np.ndarray, str]:
+        """The HF tensor for ``m`` (lazy, our layout) and the name it was found under."""
+        for name in (m.hf_name, *m.aliases):
+            file = self.locate(name)
+            if file is None:
+                continue
+            st = self._file(file)
+            if name not in st:
+                raise CheckpointError(f"{file}: tensor {name!r} listed in {INDEX_FILE} is missing from the file")
+            if st.shape(name) != m.hf_shape:
+                raise CheckpointError(
+                    f"{file}: tensor {name!r} has shape {st.shape(name)}, expected {m.hf_shape} from config.json"
+                )
+            return m.to_ours(st.get(name)), name
+        raise CheckpointError(f"{self.source}: tensor {m.hf_name!r} is missing")
+
+
+def _place(x: np.ndarray, dtype, axes, sharding_fn: ShardingFn | None) -> jax.Array:
+    if sharding_fn is None:
+        return jnp.asarray(np.asarray(x, dtype=dtype))
+    sharding = sharding_fn(axes, x.shape)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: np.asarray(x[index], dtype=dtype))
+
+
+def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                    sharding_fn: ShardingFn | None = None, remat: str = "none") -> CausalLM:
+    """Our decoder with the weights of the local HF checkpoint directory ``path``.
+
+    ``dtype`` is the compute dtype, ``param_dtype`` the dtype parameters are stored in (cast on
+    the fly). ``sharding_fn(logical_axes, shape) -> Sharding`` places each parameter (default:
+    the default device). ``remat`` is the per-layer rematerialisation policy. Raises
+    ``UnsupportedModelError`` for an unsupported architecture or option and ``CheckpointError``
+    naming the file and tensor for missing, corrupt or misshaped weights.
+    """
+    path = Path(path)
+    config = load_config(path, dtype=dtype, param_dtype=param_dtype, remat=remat)
+    tensors = CheckpointTensors(path)
+    graphdef, state = nnx.split(abstract_model(config))
+    mappings = {m.path: m for m in tensor_mappings(config)}
+    used = set()
+    leaves = []
+    for key, var in nnx.to_flat_state(state):
+        m = mappings[key]
+        x, name = tensors.read(m)
+        used.add(name)
+        axes = var.get_metadata().get("out_sharding")
+        leaves.append((key, var.replace(_place(x, config.param_dtype, axes, sharding_fn))))
+    unused = sorted(tensors.names() - used)
+    if unused:
+        log.warning("%s: %d tensors not used by the %s decoder, e.g. %s", tensors.source, len(unused),
+                    config.family, unused[:5])
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves))

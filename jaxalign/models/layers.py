@@ -1,0 +1,107 @@
+"""Small building blocks: parameters with logical axes, norms, activations.
+
+Every parameter is an ``nnx.Param`` whose ``out_sharding`` metadata holds one logical axis
+name per dimension (see ``jaxalign/models/README.md``). Eager sharding is off: the names are
+only labels here; ``jaxalign.parallel`` maps them to mesh axes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+INIT_STD = 0.02
+
+
+def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: Axes, dtype, init: str = "normal") -> nnx.Param:
+    """A parameter of ``shape`` labelled with logical ``axes``: N(0, 0.02^2), ones or zeros."""
+    if len(axes) != len(shape):
+        raise ValueError(f"axes {axes} do not match shape {shape}")
+    if init == "normal":
+        value = INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)
+    elif init == "ones":
+        value = jnp.ones(shape, jnp.float32)
+    elif init == "zeros":
+        value = jnp.zeros(shape, jnp.float32)
+    else:
+        raise ValueError(f"unknown init {init!r}")
+    return nnx.Param(value.astype(dtype), out_sharding=axes, eager_sharding=False)
+
+
+def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
+    """HF activation names: ``gelu`` is exact (erf), ``gelu_new``/``gelu_pytorch_tanh`` the tanh form."""
+    return {
+        "silu": jax.nn.silu,
+        "swish": jax.nn.silu,
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "relu": jax.nn.relu,
+    }[name]
+
+
+class RMSNorm(nnx.Module):
+    """``y = x / sqrt(mean(x^2) + eps) * scale``, normalised in float32."""
+
+    def __init__(self, dim: int, eps: float, *, dtype, param_dtype):
+        self.scale = param(None, (dim,), ("norm",), param_dtype, init="ones")
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return y.astype(self.dtype) * self.scale[...].astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """``y = (x - mean) / sqrt(var + eps) * scale + bias``, normalised in float32."""
+
+    def __init__(self, dim: int, eps: float, *, dtype, param_dtype):
+        self.scale = param(None, (dim,), ("norm",), param_dtype, init="ones")
+        self.bias = param(None, (dim,), ("norm",), param_dtype, init="zeros")
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+
+
+class Embed(nnx.Module):
+    """A lookup table ``[num, dim]``; ``axes`` names its two dimensions."""
+
+    def __init__(self, num: int, dim: int, axes: Axes, *, rngs: nnx.Rngs, dtype, param_dtype):
+        self.embedding = param(rngs, (num, dim), axes, param_dtype)
+        self.dtype = dtype
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+
+class Projection(nnx.Module):
+    """``y = einsum(equation, x, kernel) + bias``; the kernel's first ``n_in`` dims are contracted.
+
+    The bias (optional) has the kernel's remaining dims and axes.
+    """
+
+    def __init__(self, kernel_shape: tuple[int, ...], axes: Axes, equation: str, *, n_in: int, bias: bool,
+                 rngs: nnx.Rngs, dtype, param_dtype):
+        self.kernel = param(rngs, kernel_shape, axes, param_dtype)
+        self.bias = nnx.data(param(None, kernel_shape[n_in:], axes[n_in:], param_dtype, init="zeros") if bias else None)
+        self.equation = equation
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum(self.equation, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y

@@ -1,0 +1,90 @@
+"""Llama-family decoder (Llama 2/3, Qwen2/2.5, Mistral): pre-norm blocks with RMSNorm, RoPE,
+grouped-query attention and a SwiGLU MLP.
+
+Block: ``h = x + o(attn(rmsnorm(x)))``, ``y = h + down(act(gate(rmsnorm(h))) * up(rmsnorm(h)))``.
+Parameter paths mirror HF names (``layers.3.self_attn.q_proj.kernel`` <-> ``model.layers.3.self_attn.q_proj.weight``).
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from jaxalign.models.causal_lm import CausalLM, attend
+from jaxalign.models.config import ModelConfig
+from jaxalign.models.layers import Embed, Projection, RMSNorm, activation_fn, param
+from jaxalign.models.rope import apply_rope, inverse_frequencies
+
+
+class LlamaAttention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, h, kv, dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        kw = dict(rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        self.q_proj = Projection((d, h, dh), ("embed", "heads", "head_dim"), "bld,dhk->blhk",
+                                 n_in=1, bias=cfg.attention_bias, **kw)
+        self.k_proj = Projection((d, kv, dh), ("embed", "kv_heads", "head_dim"), "bld,dhk->blhk",
+                                 n_in=1, bias=cfg.attention_bias, **kw)
+        self.v_proj = Projection((d, kv, dh), ("embed", "kv_heads", "head_dim"), "bld,dhk->blhk",
+                                 n_in=1, bias=cfg.attention_bias, **kw)
+        self.o_proj = Projection((h, dh, d), ("heads", "head_dim", "embed"), "blhk,hkd->bld",
+                                 n_in=2, bias=cfg.attention_out_bias, **kw)
+        self.inv_freq = tuple(inverse_frequencies(dh, cfg.rope_theta, cfg.rope_scaling).tolist())
+        self.scale = dh ** -0.5
+
+    def __call__(self, x, positions, mask, kv, index):
+        q = apply_rope(self.q_proj(x), positions, self.inv_freq)
+        k = apply_rope(self.k_proj(x), positions, self.inv_freq)
+        out, kv = attend(q, k, self.v_proj(x), mask, kv, index, self.scale)
+        return self.o_proj(out), kv
+
+
+class LlamaMLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        kw = dict(n_in=1, bias=cfg.mlp_bias, rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        self.gate_proj = Projection((d, f), ("embed", "mlp"), "bld,df->blf", **kw)
+        self.up_proj = Projection((d, f), ("embed", "mlp"), "bld,df->blf", **kw)
+        self.down_proj = Projection((f, d), ("mlp", "embed"), "blf,fd->bld", **kw)
+        self.act = activation_fn(cfg.activation)
+
+    def __call__(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaBlock(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        norm = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, **norm)
+        self.self_attn = LlamaAttention(cfg, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, **norm)
+        self.mlp = LlamaMLP(cfg, rngs=rngs)
+
+    def __call__(self, x, positions, mask, kv, index):
+        attn, kv = self.self_attn(self.input_layernorm(x), positions, mask, kv, index)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+class LlamaForCausalLM(CausalLM):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        if cfg.is_gpt2:
+            raise ValueError("LlamaForCausalLM got a gpt2 config; use GPT2LMHeadModel")
+        self.config = cfg
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), rngs=rngs,
+                                  dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        self.layers = nnx.List([LlamaBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        self.lm_head = nnx.data(
+            None if cfg.tie_embeddings
+            else param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype)
+        )
+
+    def embed(self, input_ids: jax.Array, positions: jax.Array) -> jax.Array:
+        return self.embed_tokens(input_ids)
+
+    def final_norm(self, x: jax.Array) -> jax.Array:
+        return self.norm(x)
+
+    def unembedding(self) -> jax.Array:
+        w = self.embed_tokens.embedding[...].T if self.lm_head is None else self.lm_head[...]
+        return w.astype(self.config.dtype)
