@@ -1,0 +1,220 @@
+"""Deterministic, sharded, resumable batch iterator over tokenized examples.
+
+Order. Epoch ``e`` visits the examples in the permutation drawn by
+``numpy.random.default_rng([seed, e])`` (identity when ``shuffle=False``). Global batch ``k``
+of the padded layout is ``order[k*B : (k+1)*B]`` (``B`` = ``batch_size``, the global number of
+pairs per batch); shard ``q`` of ``C`` (``shard_index``/``shard_count``, default
+``jax.process_index()``/``jax.process_count()``) loads the positions ``≡ q (mod C)`` of it:
+``B / C`` slots. So shards are disjoint, cover every example once per epoch, and all shards
+yield the same number of batches; the last batch of an epoch is completed with filler slots
+(``pair_mask`` 0). Row length: the smallest bucket that fits the *global* batch, so every
+shard pads to the same shape. Sequence ids and ``pair_mask``/``example_index`` use global
+slot numbers (slot ``q * B/C + j``), so the per-shard batches concatenate (in shard order)
+into one batch of the contract.
+
+Packing (``packing=True``): each shard packs its own stream ``order[q::C]`` with
+``plan_pack`` into ``pack_rows`` rows of ``pack_length`` tokens, taking up to ``B / C`` pairs
+per batch; the epoch has as many batches as the longest shard's plan (every process computes
+all shards' plans from the lengths alone, no communication), shorter shards end with
+all-filler batches.
+
+State. ``get_state()`` is a small JSON-serialisable dict (epoch, batch within the epoch, and
+checks: seed, example count, data fingerprint, batch size, layout); ``set_state`` restores it
+in O(1) (plus one epoch plan when packing), after which the loader yields exactly the batches
+an uninterrupted run would have yielded. The state is the same on every shard.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxalign.data.batching import bucket_length, packed_batch, padded_batch, plan_pack
+from jaxalign.data.dataset import EncodedDataset, lengths_of
+
+__all__ = ["Loader"]
+
+STATE_VERSION = 1
+
+
+def _default_shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
+    if shard_index is None or shard_count is None:
+        import jax
+
+        shard_index = jax.process_index() if shard_index is None else shard_index
+        shard_count = jax.process_count() if shard_count is None else shard_count
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index {shard_index} is not in [0, shard_count={shard_count})")
+    return shard_index, shard_count
+
+
+class Loader:
+    """Iterator of batch dicts (see ``jaxalign/data/README.md`` and the module docstring)."""
+
+    def __init__(
+        self,
+        dataset: EncodedDataset,
+        *,
+        batch_size: int,
+        pad_id: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_epochs: int | None = None,
+        mask: str = "completion",
+        buckets: Sequence[int] = (64, 128, 256, 512),
+        packing: bool = False,
+        pack_length: int | None = None,
+        pack_rows: int | None = None,
+        row_multiple: int = 1,
+        shard_index: int | None = None,
+        shard_count: int | None = None,
+    ):
+        self.examples = dataset.examples
+        self.report = dataset.report
+        self.shard_index, self.shard_count = _default_shard(shard_index, shard_count)
+        if batch_size < 1 or batch_size % self.shard_count:
+            raise ValueError(f"batch_size {batch_size} must be a positive multiple of shard_count {self.shard_count}")
+        if not self.examples:
+            raise ValueError("the dataset holds no examples")
+        self.batch_size = batch_size
+        self.local_slots = batch_size // self.shard_count
+        self.pad_id = pad_id
+        self.seed = seed
+        self.shuffle = shuffle
+        self.num_epochs = num_epochs
+        self.mask = mask
+        self.lengths = lengths_of(self.examples)
+        self.seqs_per_slot = len(self.lengths[0])
+        self.max_len = np.asarray([max(x) for x in self.lengths])
+        self.fingerprint = dataset.fingerprint()
+        self.packing = packing
+        if packing:
+            self.pack_length = pack_length or bucket_length(int(self.max_len.max()), buckets)
+            if int(self.max_len.max()) > self.pack_length:
+                raise ValueError(f"pack_length {self.pack_length} is shorter than the longest sequence {self.max_len.max()}")
+            self.pack_rows = pack_rows or self.default_pack_rows(row_multiple)
+        else:
+            self.buckets = tuple(sorted(buckets))
+            if int(self.max_len.max()) > self.buckets[-1]:
+                raise ValueError(f"the longest sequence ({self.max_len.max()}) exceeds the largest bucket {self.buckets[-1]}")
+        self._epoch, self._batch = 0, 0
+        self._plan_epoch: int | None = None
+        self._plan: tuple[np.ndarray, list, int] | None = None
+
+    # -- shapes ---------------------------------------------------------------------------
+
+    def default_pack_rows(self, row_multiple: int = 1) -> int:
+        """Rows for the average example: ``ceil(mean tokens per slot * slots / pack_length) + 1``."""
+        mean = float(np.mean([sum(x) for x in self.lengths]))
+        rows = max(self.seqs_per_slot, math.ceil(mean * self.local_slots / self.pack_length) + 1)
+        return -(-rows // row_multiple) * row_multiple
+
+    # -- epoch plans ------------------------------------------------------------------------
+
+    def _order(self, epoch: int) -> np.ndarray:
+        n = len(self.examples)
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.seed, epoch]).permutation(n)
+
+    def _pack_shard(self, stream: np.ndarray) -> list[tuple[int, list]]:
+        """Batches of one shard's stream: ``(first position in stream, placements)``."""
+        lengths = [self.lengths[i] for i in stream]
+        out, start = [], 0
+        while start < len(lengths):
+            place, taken = plan_pack(
+                lengths[start:start + self.local_slots], slots=self.local_slots, rows=self.pack_rows, length=self.pack_length
+            )
+            out.append((start, place))
+            start += taken
+        return out
+
+    def _epoch_plan(self, epoch: int) -> tuple[np.ndarray, list, int]:
+        """``(order, this shard's packed batches or [], number of batches in the epoch)``."""
+        if self._plan_epoch == epoch:
+            return self._plan
+        order = self._order(epoch)
+        if self.packing:
+            plans = [self._pack_shard(order[q::self.shard_count]) for q in range(self.shard_count)]
+            plan = (order, plans[self.shard_index], max(len(p) for p in plans))
+        else:
+            plan = (order, [], math.ceil(len(order) / self.batch_size))
+        self._plan_epoch, self._plan = epoch, plan
+        return plan
+
+    def batches_in_epoch(self, epoch: int | None = None) -> int:
+        return self._epoch_plan(self._epoch if epoch is None else epoch)[2]
+
+    # -- batches ----------------------------------------------------------------------------
+
+    def _batch_at(self, epoch: int, k: int) -> dict[str, np.ndarray]:
+        order, shard_plan, _ = self._epoch_plan(epoch)
+        offset = self.shard_index * self.local_slots
+        common = dict(pad_id=self.pad_id, mask=self.mask, slot_offset=offset, total_slots=self.batch_size)
+        if not self.packing:
+            global_items = order[k * self.batch_size:(k + 1) * self.batch_size]
+            mine = global_items[self.shard_index::self.shard_count]
+            slots = [self.examples[i] for i in mine] + [None] * (self.local_slots - len(mine))
+            length = bucket_length(int(self.max_len[global_items].max()), self.buckets)
+            return padded_batch(slots, length=length, sequences_per_slot=self.seqs_per_slot, **common)
+        stream = order[self.shard_index::self.shard_count]
+        slots: list = [None] * self.local_slots
+        places: list = [None] * self.local_slots
+        if k < len(shard_plan):
+            start, place = shard_plan[k]
+            for j, pl in enumerate(place):
+                slots[j], places[j] = self.examples[stream[start + j]], pl
+        return packed_batch(slots, places, rows=self.pack_rows, length=self.pack_length, **common)
+
+    def __iter__(self) -> Loader:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self.num_epochs is not None and self._epoch >= self.num_epochs:
+            raise StopIteration
+        batch = self._batch_at(self._epoch, self._batch)
+        self._batch += 1
+        if self._batch >= self.batches_in_epoch(self._epoch):
+            self._epoch, self._batch = self._epoch + 1, 0
+        return batch
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    # -- state ------------------------------------------------------------------------------
+
+    def _checks(self) -> dict[str, Any]:
+        checks = {
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "num_examples": len(self.examples),
+            "fingerprint": self.fingerprint,
+            "batch_size": self.batch_size,
+            "packing": self.packing,
+        }
+        if self.packing:  # packed batches depend on how the stream is split into shards
+            checks.update(shard_count=self.shard_count, pack_rows=self.pack_rows, pack_length=self.pack_length)
+        return checks
+
+    def get_state(self) -> dict[str, Any]:
+        """JSON-serialisable position: the next batch is batch ``batch`` of epoch ``epoch``."""
+        return {"version": STATE_VERSION, "epoch": self._epoch, "batch": self._batch, **self._checks()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restores a position from ``get_state``; ``ValueError`` if the data or settings differ."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
+        for key, value in self._checks().items():
+            if state.get(key) != value:
+                raise ValueError(
+                    f"loader state does not match this loader: {key} was {state.get(key)!r}, now {value!r} "
+                    "(the data, its encoding or the loader settings changed since the state was saved)"
+                )
+        epoch, batch = int(state["epoch"]), int(state["batch"])
+        if batch < 0 or epoch < 0 or batch >= self.batches_in_epoch(epoch):
+            raise ValueError(f"loader state position epoch {epoch} batch {batch} is out of range")
+        self._epoch, self._batch = epoch, batch
