@@ -214,9 +214,11 @@ def _iter_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
             matches = difflib.get_close_matches(str(value), ALLOWED[name], n=1)
             hint = f" (did you mean {matches[0]!r}?)" if matches else ""
             yield f"config key {name!r} = {value!r} is not allowed{hint}; allowed: {allowed}"
-    for name in schema:
-        if name not in values:
-            yield f"config key {name!r} is missing (recipes must start from base_config())"
+    missing = [name for name in schema if name not in values]
+    if missing:
+        shown = ", ".join(repr(m) for m in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        yield f"{len(missing)} config key(s) missing ({shown}): recipes must start from base_config()"
+        return
     get = values.get
     for name in _POSITIVE:
         if isinstance(get(name), (int, float)) and get(name) < 1:

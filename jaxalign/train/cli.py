@@ -1,0 +1,108 @@
+"""Command line: ``python -m jaxalign.train --config configs/X.py [--workdir DIR] [--config.KEY=VALUE ...]``.
+
+The config file defines ``get_config()`` (ml_collections; ``configs/X.py:ARG`` passes ``ARG``);
+``--config.a.b=value`` overrides a field (absl ``config_flags`` parsing, types are checked).
+A key that does not exist is an error naming the closest existing keys. Without
+``--workdir`` the run goes to ``runs/<recipe>-<YYYYmmdd-HHMMSS>``. Running the same command
+again on a directory that holds checkpoints resumes the run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+from jaxalign.train.config import ConfigError, close_matches, flatten, validate
+
+__all__ = ["main", "parse_command_line"]
+
+USAGE = "usage: python -m jaxalign.train --config configs/RECIPE.py [--workdir DIR] [--config.KEY=VALUE ...]"
+
+
+def _flag_values(argv: Sequence[str]) -> flags.FlagValues:
+    """Parses ``argv`` with a private absl FlagValues (nothing global is touched)."""
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config", None, "recipe file defining get_config()", flag_values=fv, lock_config=True, sys_argv=list(argv)
+    )
+    flags.DEFINE_string("workdir", None, "run directory (default: a new directory under runs/)", flag_values=fv)
+    try:
+        fv(list(argv))
+    except flags.Error as e:
+        raise ConfigError(str(e)) from None
+    return fv
+
+
+def _override_names(argv: Sequence[str]) -> list[str]:
+    """The ``KEY`` of every ``--config.KEY[=VALUE]`` argument."""
+    names = []
+    for arg in argv[1:]:
+        if arg.startswith("--config."):
+            names.append(arg[len("--config."):].split("=", 1)[0])
+    return names
+
+
+def parse_command_line(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, str | None, str]:
+    """``(config, workdir or None, recipe path)`` from ``argv`` (``argv[0]`` is the program).
+
+    Raises ``ConfigError`` for a missing ``--config``, an unknown override key (with close
+    matches), a badly typed value, or an invalid resulting config.
+    """
+    argv = list(argv)
+    overrides = _override_names(argv)
+    base_argv = [a for i, a in enumerate(argv) if i == 0 or not a.startswith("--config.")]
+    base = _flag_values(base_argv)
+    if base["config"].value is None:
+        raise ConfigError(f"--config is required\n{USAGE}")
+    recipe = base["config"].config_filename
+    if not os.path.isfile(recipe):
+        raise ConfigError(f"--config {recipe}: no such file\n{USAGE}")
+    try:
+        known = list(flatten(base.config))
+    except Exception as e:  # an error inside the recipe file: report it with the file name
+        raise ConfigError(f"--config {recipe}: could not load get_config(): {type(e).__name__}: {e}") from None
+    unknown = [name for name in overrides if name not in known]
+    if unknown:
+        lines = []
+        for name in unknown:
+            matches = close_matches(name, known)
+            hint = f"; did you mean {', '.join('--config.' + m for m in matches)}?" if matches else ""
+            lines.append(f"unknown config key --config.{name}{hint}")
+        raise ConfigError("\n".join(lines))
+    fv = _flag_values(argv)
+    config = fv.config
+    validate(config)
+    return config, fv.workdir, recipe
+
+
+def default_workdir(recipe: str, root: str = "runs") -> str:
+    """``runs/<recipe name>-<timestamp>`` (a new directory per run)."""
+    name = os.path.splitext(os.path.basename(recipe.split(":", 1)[0]))[0] or "run"
+    return os.path.join(root, f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parses the command line, trains, prints where the outputs went. Exit 0 / 2 on bad config."""
+    argv = list(sys.argv if argv is None else argv)
+    try:
+        config, workdir, recipe = parse_command_line(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from jaxalign.train.loop import RunError, train
+
+    workdir = workdir or default_workdir(recipe)
+    try:
+        result = train(config, workdir)
+    except (ConfigError, RunError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if result.is_main_process:
+        print(result.summary())
+    return 0
