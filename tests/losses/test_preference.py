@@ -257,3 +257,9 @@ def test_checks_do_not_break_jit():
     np.testing.assert_allclose(float(fn(*example())), float(losses.rdpo(*example(), epsilon=0.2)[0]), rtol=1e-6)
     with pytest.raises(ValueError, match="epsilon"):
         jax.jit(lambda *a: losses.rdpo(*a, epsilon=0.6)[0])(*example())
+
+
+def test_beta_may_be_a_traced_value():
+    # e.g. a beta schedule inside a jitted step: range checks are skipped, values still correct.
+    fn = jax.jit(lambda beta: losses.dpo(*example(), beta=beta)[0])
+    np.testing.assert_allclose(float(fn(jnp.float32(0.1))), 0.620957, atol=1e-6)
