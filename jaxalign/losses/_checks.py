@@ -17,8 +17,8 @@ def compute_dtype(*arrays: jax.Array) -> jnp.dtype:
 
     Low-precision inputs (bf16, f16) are computed in float32.
     """
-    floating = [jnp.asarray(a).dtype for a in arrays if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating)]
-    return jnp.result_type(jnp.float32, *floating)
+    dtypes = (jnp.asarray(a).dtype for a in arrays)
+    return jnp.result_type(jnp.float32, *(d for d in dtypes if jnp.issubdtype(d, jnp.floating)))
 
 
 def as_float(arrays: Mapping[str, jax.Array]) -> dict[str, jax.Array]:

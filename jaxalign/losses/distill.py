@@ -61,8 +61,12 @@ def _with_residual(probs: jax.Array) -> jax.Array:
 
 def _label_nll(loss: str, logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
     """Token-mean NLL of ``labels`` ([..., L]) under label-aligned ``logits``."""
-    if tuple(labels.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(f"losses.{loss}: labels must have shape {list(logits.shape[:-1])}, got {list(labels.shape)}")
+    positions = tuple(logits.shape[:-1])
+    if tuple(labels.shape) != positions or tuple(mask.shape) != positions:
+        raise ValueError(
+            f"losses.{loss}: chosen_labels and chosen_mask must have shape {list(positions)}, "
+            f"got {list(labels.shape)} and {list(mask.shape)}"
+        )
     return sft(_gathered_logps(logits, labels[..., None])[..., 0], mask)[0]
 
 

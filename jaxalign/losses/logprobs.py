@@ -41,14 +41,14 @@ def _next_tokens(input_ids: jax.Array) -> jax.Array:
     return jnp.concatenate([input_ids[:, 1:], jnp.zeros_like(input_ids[:, :1])], axis=1)
 
 
-def _label_align(predicted: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+def _label_align(name: str, predicted: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
     """Moves ``predicted[:, t] = log p(token t+1)`` to label position ``t + 1``; 0 on unscored tokens."""
     aligned = jnp.concatenate([jnp.zeros_like(predicted[:, :1]), predicted[:, :-1]], axis=1)
     if segment_ids is None:
         return aligned
     if tuple(segment_ids.shape) != tuple(aligned.shape):
         raise ValueError(
-            f"losses.token_logps: segment_ids must have shape {list(aligned.shape)}, got {list(segment_ids.shape)}"
+            f"losses.{name}: segment_ids must have shape {list(aligned.shape)}, got {list(segment_ids.shape)}"
         )
     starts = jnp.concatenate(
         [jnp.ones_like(segment_ids[:, :1], dtype=bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
@@ -105,7 +105,7 @@ def token_logps(
     else:
         _check_chunk_size("token_logps", chunk_size)
         predicted = _map_over_sequence(_gather_logps, (logits, labels), chunk_size)
-    return _label_align(predicted, segment_ids)
+    return _label_align("token_logps", predicted, segment_ids)
 
 
 def token_logps_from_hidden(
@@ -136,7 +136,7 @@ def token_logps_from_hidden(
         return _gather_logps(logits, labels_chunk)
 
     predicted = _map_over_sequence(chunk_logps, (hidden, _next_tokens(input_ids)), chunk_size)
-    return _label_align(predicted, segment_ids)
+    return _label_align("token_logps_from_hidden", predicted, segment_ids)
 
 
 def align_logits_to_labels(logits: jax.Array) -> jax.Array:

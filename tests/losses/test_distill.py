@@ -162,6 +162,6 @@ def test_distill_shape_errors_name_the_argument():
         losses.adpa(UNIFORM, IDS4.astype(jnp.float32), ADVANTAGES, ONE)
     with pytest.raises(ValueError, match=r"adpa: candidate arrays differ"):
         losses.adpa(UNIFORM, IDS4, ADVANTAGES[:, :3], ONE)
-    with pytest.raises(ValueError, match=r"dckd: labels must have shape \[1\], got \[2\]"):
+    with pytest.raises(ValueError, match=r"dckd: chosen_labels and chosen_mask must have shape \[1\], got \[2\] and \[1\]"):
         losses.dckd(CHOSEN_STUDENT, jnp.array([0, 1]), IDS3, CHOSEN_TEACHER, ONE,
                     REJECTED_STUDENT, IDS3, REJECTED_TEACHER, ONE)  # fmt: skip

@@ -229,3 +229,9 @@ def test_bad_inputs_raise_clear_errors(data):
         losses.token_logps_from_hidden(jnp.zeros((B, L, D)), jnp.zeros((D + 1, V)), ids, chunk_size=2)
     with pytest.raises(ValueError, match=r"sequence_logps: .*must have the same shape"):
         losses.sequence_logps(jnp.zeros((B, L)), jnp.zeros((B, L + 1)))
+    with pytest.raises(ValueError, match=r"token_logps_from_hidden: segment_ids must have shape \[3, 7\], got \[3, 6\]"):
+        losses.token_logps_from_hidden(
+            jnp.zeros((B, L, D)), jnp.zeros((D, V)), ids, chunk_size=2, segment_ids=jnp.ones((B, L - 1), jnp.int32)
+        )
+    with pytest.raises(ValueError, match=r"segment_logps: .*sequence_ids \[3, 6\] must have the same shape"):
+        losses.segment_logps(jnp.zeros((B, L)), jnp.zeros((B, L)), jnp.zeros((B, L - 1), jnp.int32), num_sequences=2)
