@@ -1,0 +1,195 @@
+"""Precomputed reference log-probs, cached on disk and keyed by a fingerprint of their inputs.
+
+With ``reference.mode = "precomputed"`` the reference model runs once over every training
+and held-out example before training; its per-sequence log-prob sums (chosen, rejected) are
+stored in ``CACHE_DIR/<fingerprint>.npz`` and looked up by each batch's ``example_index``.
+
+The fingerprint is a SHA-256 over everything the numbers depend on:
+
+* the reference weights (a digest of every parameter array: its path, dtype, shape, bytes);
+* the tokenizer (vocabulary, merges, normaliser and pre-tokeniser as serialised by the
+  ``tokenizers`` backend, special tokens) and its chat template;
+* the truncation and masking settings (``max_length``, ``max_prompt_length``, mask mode) and
+  the compute dtype;
+* the data: the source files (path, size, SHA-256 of the content) and the fingerprint of the
+  tokenized examples.
+
+Any change gives a new fingerprint, hence a new cache file: a stale cache is never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+__all__ = [
+    "ReferenceCache",
+    "load_or_compute",
+    "params_digest",
+    "reference_fingerprint",
+    "source_digest",
+    "tokenizer_digest",
+]
+
+
+def _sha(parts: Iterable[bytes]) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.hexdigest()
+
+
+def _host_array(x: jax.Array) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def params_digest(params: Any) -> str:
+    """SHA-256 of a parameter pytree (``nnx.State`` or nested dict): paths, dtypes, shapes, bytes."""
+    if isinstance(params, nnx.State):
+        params = params.to_pure_dict()
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    parts = []
+    for path, leaf in leaves:
+        value = _host_array(leaf)
+        parts += [jax.tree_util.keystr(path).encode(), str(value.dtype).encode(), str(value.shape).encode()]
+        parts.append(np.ascontiguousarray(value).tobytes())
+    return _sha(parts)
+
+
+def tokenizer_digest(tokenizer: Any) -> str:
+    """SHA-256 of a Hugging Face tokenizer's vocabulary, merges, special tokens and chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    serialised = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    special = json.dumps(
+        {
+            "bos": tokenizer.bos_token, "eos": tokenizer.eos_token, "pad": tokenizer.pad_token,
+            "added": sorted(str(t) for t in tokenizer.all_special_tokens),
+        },
+        sort_keys=True,
+    )
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if isinstance(template, dict):
+        template = json.dumps(template, sort_keys=True)
+    return _sha([serialised.encode(), special.encode(), template.encode()])
+
+
+def source_digest(files: Iterable[str]) -> str:
+    """SHA-256 over the named files: path, size and content (``tfds:`` items by name only)."""
+    parts = []
+    for item in files:
+        parts.append(item.encode())
+        if item.startswith("tfds:") or not os.path.isfile(item):
+            continue
+        h = hashlib.sha256()
+        with open(item, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        parts += [str(os.path.getsize(item)).encode(), h.hexdigest().encode()]
+    return _sha(parts)
+
+
+def reference_fingerprint(
+    *, params: str, tokenizer: str, data: str, examples: str, settings: Mapping[str, Any]
+) -> str:
+    """The cache key (hex, 24 chars) from the component digests and the settings."""
+    blob = json.dumps(
+        {"params": params, "tokenizer": tokenizer, "data": data, "examples": examples, "settings": dict(settings)},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class ReferenceCache:
+    """Reference log-prob sums per example: ``indices [N]`` (example_index), ``chosen``, ``rejected``."""
+
+    indices: np.ndarray
+    chosen: np.ndarray
+    rejected: np.ndarray
+
+    def lookup(self, example_index: np.ndarray) -> dict[str, np.ndarray]:
+        """``{"ref_chosen_logps", "ref_rejected_logps"}`` (float32, shaped like ``example_index``);
+        0 for filler slots (index -1). ``KeyError`` naming the index when one is not cached."""
+        example_index = np.asarray(example_index)
+        order = np.argsort(self.indices, kind="stable")
+        sorted_idx = self.indices[order]
+        flat = example_index.reshape(-1)
+        pos = np.searchsorted(sorted_idx, flat)
+        pos_clipped = np.minimum(pos, len(sorted_idx) - 1)
+        found = (flat < 0) | (sorted_idx[pos_clipped] == flat)
+        if not found.all():
+            missing = flat[~found][:5].tolist()
+            raise KeyError(f"reference cache has no entry for example_index {missing}")
+        real = flat >= 0
+        rows = order[pos_clipped]
+        chosen = np.where(real, self.chosen[rows], 0.0).astype(np.float32).reshape(example_index.shape)
+        rejected = np.where(real, self.rejected[rows], 0.0).astype(np.float32).reshape(example_index.shape)
+        return {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
+
+    def save(self, path: str) -> None:
+        tmp = f"{path}.tmp{os.getpid()}.npz"
+        np.savez(tmp, indices=self.indices, chosen=self.chosen, rejected=self.rejected)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> ReferenceCache:
+        with np.load(path) as f:
+            return cls(indices=f["indices"], chosen=f["chosen"], rejected=f["rejected"])
+
+
+def compute_cache(
+    batches: Iterable[dict[str, np.ndarray]],
+    reference_sums: Callable[[dict[str, np.ndarray]], jax.Array],
+) -> ReferenceCache:
+    """Runs ``reference_sums`` (batch -> sums ``[2P]``, global) over ``batches`` (this process's
+    shard of each global batch) and collects the sums per ``example_index``."""
+    indices, chosen, rejected = [], [], []
+    for batch in batches:
+        sums = _host_array(reference_sums(batch)).astype(np.float64)
+        local = np.asarray(batch["example_index"])
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            index = np.asarray(multihost_utils.process_allgather(local, tiled=True))
+        else:
+            index = local
+        p = index.shape[0]
+        real = index >= 0
+        indices.append(index[real])
+        chosen.append(sums[:p][real])
+        rejected.append(sums[p : 2 * p][real])
+    return ReferenceCache(
+        indices=np.concatenate(indices).astype(np.int64),
+        chosen=np.concatenate(chosen).astype(np.float32),
+        rejected=np.concatenate(rejected).astype(np.float32),
+    )
+
+
+def load_or_compute(
+    cache_dir: str, fingerprint: str, compute: Callable[[], ReferenceCache], *, write: bool = True
+) -> tuple[ReferenceCache, bool]:
+    """``(cache, computed)``: the cache stored under ``fingerprint``, computed and saved if absent.
+
+    ``write`` (process 0 only in multi-process runs) saves a computed cache.
+    """
+    path = os.path.join(cache_dir, f"{fingerprint}.npz")
+    if os.path.exists(path):
+        return ReferenceCache.load(path), False
+    cache = compute()
+    if write:
+        os.makedirs(cache_dir, exist_ok=True)
+        cache.save(path)
+    return cache, True

@@ -1,0 +1,293 @@
+"""Builds everything a run needs from its config: mesh, tokenizer, data, model, state, steps.
+
+``prepare(config, workdir)`` returns a ``Run``: the pieces the loop (``jaxalign.train.loop``)
+drives. Order: multi-host start-up, mesh, the tiny model and synthetic data when asked for,
+tokenizer, data loaders, policy parameters (placed on the mesh as they are read), the
+reference (a frozen copy, or the precomputed log-prob cache), optimizer and state, the
+jitted step functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxalign import models, parallel
+from jaxalign.data.dataset import EncodedDataset
+from jaxalign.data.loader import Loader
+from jaxalign.data.pipeline import build_loaders_from_config, mask_for_loss
+from jaxalign.data.sources import resolve_source
+from jaxalign.tokenizers import load_tokenizer
+from jaxalign.train import reference as ref_cache
+from jaxalign.train.config import grad_accum_steps, validate
+from jaxalign.train.forward import init_reward_head
+from jaxalign.train.objectives import Objective, make_objective
+from jaxalign.train.optimizer import make_optimizer
+from jaxalign.train.state import TrainState, init_state
+from jaxalign.train.step import make_eval_step, make_reference_fn, make_train_step
+from jaxalign.train.synthetic import SYNTHETIC_SOURCE, synthetic_records, write_synthetic
+from jaxalign.train.tiny import ensure_tiny_model
+
+__all__ = ["Run", "RunError", "prepare"]
+
+BATCH_AXES = ("data", "fsdp")
+# Keys of a batch the step reads (example_index stays on the host: it keys the reference cache).
+DEVICE_KEYS = (
+    "input_ids", "positions", "segment_ids", "loss_mask", "sequence_ids", "pair_mask",
+    "ref_chosen_logps", "ref_rejected_logps",
+)
+
+
+class RunError(RuntimeError):
+    """A run cannot start or continue; the message says why and what to change."""
+
+
+@dataclasses.dataclass
+class Run:
+    """The assembled pieces of a run (see module docstring)."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    mesh: Mesh
+    tokenizer: Any
+    train_loader: Loader
+    eval_loader: Loader | None
+    data_summary: str
+    graphdef: nnx.GraphDef
+    state: TrainState
+    reference_params: Any
+    objective: Objective
+    optimizer: optax.GradientTransformation
+    train_step: Any
+    eval_step: Any
+    total_steps: int
+    accum: int
+    reference_caches: dict[str, ref_cache.ReferenceCache]
+    is_main: bool
+    eval_start: dict[str, Any] | None = None  # the eval loader's initial position (rewound per eval)
+
+    def device_batch(self, host: dict[str, np.ndarray], *, stacked: bool) -> dict[str, jax.Array]:
+        """This process's share of a global batch -> global arrays split over the batch axes.
+
+        ``stacked`` batches have the leading micro-batch axis ``[A, ...]``; rows (axis 1) are
+        split. Precomputed reference log-probs are looked up here by ``example_index``.
+        """
+        host = dict(host)
+        cache = self.reference_caches.get("train" if stacked else "eval")
+        if cache is not None:
+            host.update(cache.lookup(host["example_index"]))
+        spec = PartitionSpec(None, BATCH_AXES) if stacked else PartitionSpec(BATCH_AXES)
+        sharding = NamedSharding(self.mesh, spec)
+        axis = 1 if stacked else 0
+        count = self.train_loader.shard_count
+        out = {}
+        for key in DEVICE_KEYS:
+            if key not in host:
+                continue
+            value = np.asarray(host[key])
+            shape = list(value.shape)
+            shape[axis] *= count
+            out[key] = jax.make_array_from_process_local_data(sharding, value, tuple(shape))
+        return out
+
+
+def run_mesh(mesh_config: ml_collections.ConfigDict) -> Mesh:
+    """The mesh; a fully specified mesh smaller than the machine uses the first devices."""
+    sizes = [mesh_config.data, mesh_config.fsdp, mesh_config.tensor]
+    devices = None
+    if -1 not in sizes and math.prod(sizes) < jax.device_count() and jax.process_count() == 1:
+        devices = jax.devices()[: math.prod(sizes)]
+    try:
+        return parallel.make_mesh(mesh_config, devices=devices)
+    except ValueError as e:
+        raise RunError(f"mesh: {e}") from None
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _resolve_inputs(config: ml_collections.ConfigDict, workdir: str, is_main: bool) -> ml_collections.ConfigDict:
+    """Writes the synthetic data and the tiny model when the config asks; returns the config
+    with ``data.train`` pointing at real files."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    corpus = None
+    if config.data.train == SYNTHETIC_SOURCE:
+        path = os.path.join(workdir, "data", "synthetic.jsonl")
+        if is_main and not os.path.exists(path):
+            write_synthetic(path, config.data.synthetic_pairs, config.seed)
+        _barrier("synthetic-data")
+        config.data.train = path
+        records = synthetic_records(config.data.synthetic_pairs, config.seed)
+        corpus = [r["prompt"] + r[side] for r in records for side in ("chosen", "rejected")]
+    if config.model.create_if_missing:
+        if is_main:
+            ensure_tiny_model(
+                config.model.path, config.model.tiny, max_position=max(config.data.buckets),
+                seed=config.seed, corpus=corpus,
+            )
+        _barrier("tiny-model")
+    if not os.path.isfile(os.path.join(config.model.path, "config.json")):
+        raise RunError(
+            f"model.path {config.model.path!r} holds no config.json (a Hugging Face checkpoint directory is "
+            "expected; set model.create_if_missing=True to write a tiny random model there)"
+        )
+    return config
+
+
+def _total_steps(config: ml_collections.ConfigDict, train_loader: Loader, accum: int) -> int:
+    if config.steps > 0:
+        return config.steps
+    per_epoch = train_loader.batches_in_epoch(0) / accum
+    return max(1, math.ceil(config.epochs * per_epoch))
+
+
+def _load_model(config: ml_collections.ConfigDict, path: str, mesh: Mesh) -> nnx.Module:
+    try:
+        return models.from_pretrained(
+            path,
+            dtype=jnp.dtype(config.model.dtype),
+            param_dtype=jnp.dtype(config.model.param_dtype),
+            sharding_fn=parallel.sharding_fn(mesh),
+            remat=config.model.remat,
+        )
+    except (FileNotFoundError, models.CheckpointError, models.UnsupportedModelError) as e:
+        raise RunError(f"loading {path}: {e}") from None
+
+
+def _cache_batches(loader: Loader, batch_size: int, buckets: tuple[int, ...]) -> Loader:
+    """One unshuffled, padded pass over a loader's examples (for the reference cache)."""
+    return Loader(
+        EncodedDataset(loader.examples, loader.report), batch_size=batch_size, pad_id=loader.pad_id,
+        shuffle=False, num_epochs=1, mask=loader.mask, buckets=buckets,
+        shard_index=loader.shard_index, shard_count=loader.shard_count,
+    )
+
+
+def _reference_caches(
+    config: ml_collections.ConfigDict, workdir: str, run_pieces: dict[str, Any], reference: tuple[Any, Any],
+    mesh: Mesh, is_main: bool,
+) -> dict[str, ref_cache.ReferenceCache]:
+    """Loads or computes the precomputed reference log-probs of the train and eval examples."""
+    graphdef, params = reference
+    reference_fn = make_reference_fn(graphdef=graphdef, logits_chunk=config.model.logits_chunk)
+    sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    tokenizer = run_pieces["tokenizer"]
+    cache_dir = config.reference.cache_dir or os.path.join(workdir, "reference_cache")
+    common = {
+        "params": ref_cache.params_digest(params),
+        "tokenizer": ref_cache.tokenizer_digest(tokenizer),
+    }
+    settings = {
+        "max_length": config.data.max_length,
+        "max_prompt_length": config.data.max_prompt_length,
+        "mask": mask_for_loss(config.loss.name),
+        "dtype": config.model.dtype,
+        "format": config.data.format,
+    }
+    caches = {}
+    for split, loader, spec in (
+        ("train", run_pieces["train"], config.data.train),
+        ("eval", run_pieces["eval"], config.data.eval or config.data.train),
+    ):
+        if loader is None:
+            continue
+        files = resolve_source(spec)
+        key = ref_cache.reference_fingerprint(
+            data=ref_cache.source_digest(files), examples=loader.fingerprint,
+            settings={**settings, "split": split}, **common,
+        )
+        batch_size = loader.batch_size
+
+        def sums(batch: dict[str, np.ndarray]) -> jax.Array:
+            count = loader.shard_count
+            arrays = {
+                k: jax.make_array_from_process_local_data(
+                    sharding, np.asarray(batch[k]), (batch[k].shape[0] * count, *batch[k].shape[1:])
+                )
+                for k in ("input_ids", "positions", "segment_ids", "loss_mask", "sequence_ids", "pair_mask")
+            }
+            return reference_fn(params, arrays)
+
+        def compute(loader=loader, batch_size=batch_size) -> ref_cache.ReferenceCache:
+            return ref_cache.compute_cache(_cache_batches(loader, batch_size, tuple(config.data.buckets)), sums)
+
+        caches[split], _ = ref_cache.load_or_compute(cache_dir, key, compute, write=is_main)
+    return caches
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
+    """Assembles a run from a validated config (see module docstring)."""
+    validate(config)
+    if config.loss.name == "vpo" and config.loss.vpo_calibration == "reference_samples":
+        raise RunError(
+            "loss.vpo_calibration='reference_samples' is not available yet in the trainer; "
+            "use 'chosen' (calibration on the data's chosen responses)"
+        )
+    parallel.initialize_distributed(config.distributed)
+    is_main = jax.process_index() == 0
+    workdir = os.path.abspath(workdir)
+    mesh = run_mesh(config.mesh)
+    resolved = _resolve_inputs(config, workdir, is_main)
+    tokenizer = load_tokenizer(resolved.model.tokenizer or resolved.model.path)
+    shard = parallel.data_shard(mesh)
+    try:
+        loaders = build_loaders_from_config(resolved, tokenizer, shard_index=shard.index, shard_count=shard.count)
+    except ValueError as e:
+        raise RunError(f"data: {e}") from None
+    accum = grad_accum_steps(resolved)
+    total_steps = _total_steps(resolved, loaders.train, accum)
+
+    objective = make_objective(resolved.loss, resolved.reference.mode)
+    model = _load_model(resolved, resolved.model.path, mesh)
+    graphdef, model_params = nnx.split(model, nnx.Param)
+    params: dict[str, Any] = {"model": model_params}
+    if objective.kind == "reward":
+        params["head"] = init_reward_head(model.config.hidden_size, resolved.seed)
+
+    reference_params, reference_graphdef, caches = None, graphdef, {}
+    if objective.uses_reference:
+        if resolved.reference.path and os.path.abspath(resolved.reference.path) != os.path.abspath(resolved.model.path):
+            reference_graphdef, reference_params = nnx.split(_load_model(resolved, resolved.reference.path, mesh), nnx.Param)
+        else:
+            reference_params = jax.tree.map(jnp.copy, model_params)
+        if resolved.reference.mode == "precomputed":
+            caches = _reference_caches(
+                resolved, workdir, {"tokenizer": tokenizer, "train": loaders.train, "eval": loaders.eval},
+                (reference_graphdef, reference_params), mesh, is_main,
+            )
+            reference_params = None
+
+    optimizer, schedule = make_optimizer(resolved.optimizer, total_steps)
+    abstract = jax.eval_shape(lambda p: init_state(p, optimizer, resolved.seed), params)
+    state_shardings = parallel.param_shardings(abstract, mesh)
+    state = jax.jit(lambda p: init_state(p, optimizer, resolved.seed), out_shardings=state_shardings)(params)
+    common = dict(
+        graphdef=graphdef, objective=objective, reference_mode=resolved.reference.mode,
+        reference_graphdef=reference_graphdef, logits_chunk=resolved.model.logits_chunk,
+    )
+    train_step = make_train_step(
+        optimizer=optimizer, schedule=schedule, state_shardings=state_shardings,
+        batch_sharding=NamedSharding(mesh, PartitionSpec(None, BATCH_AXES)), **common,
+    )
+    eval_step = make_eval_step(**common)
+    return Run(
+        config=resolved, workdir=workdir, mesh=mesh, tokenizer=tokenizer, train_loader=loaders.train,
+        eval_loader=loaders.eval, data_summary=loaders.report.summary(), graphdef=graphdef, state=state,
+        reference_params=reference_params, objective=objective, optimizer=optimizer, train_step=train_step,
+        eval_step=eval_step, total_steps=total_steps, accum=accum, reference_caches=caches, is_main=is_main,
+        eval_start=loaders.eval.get_state() if loaders.eval is not None else None,
+    )

@@ -1,0 +1,77 @@
+"""A small synthetic preference task where preference learning is visible within minutes.
+
+Every record asks about a topic; the chosen response is a friendly, on-topic answer, the
+rejected one a dismissive answer, each drawn from a few templates. The contrast is a
+property of the response style, so a policy that learns it on the training topics also
+prefers the friendly answer on held-out records: the held-out preference accuracy of the
+implicit reward (0 at step 0, since the policy equals the reference) climbs towards 1.
+
+``data.train = "synthetic"`` makes the trainer write ``data.synthetic_pairs`` such records
+(standard format: ``prompt``, ``chosen``, ``rejected`` strings) to
+``WORKDIR/data/synthetic.jsonl``, deterministically from ``seed``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+__all__ = ["SYNTHETIC_SOURCE", "synthetic_records", "write_synthetic"]
+
+SYNTHETIC_SOURCE = "synthetic"
+
+_TOPICS = (
+    "cats", "rivers", "bread", "trains", "mountains", "bees", "violins", "gardens", "comets", "tea",
+    "bridges", "owls", "maps", "candles", "islands", "clocks", "forests", "kites", "lakes", "books",
+    "stars", "boats", "apples", "storms", "wolves", "deserts", "songs", "glaciers", "markets", "puzzles",
+    "rockets", "shells", "cities", "clouds", "dragons", "engines", "farms", "horses", "lamps", "oceans",
+)
+_QUESTIONS = (
+    "Tell me something about {t}.",
+    "What do you know about {t}?",
+    "Can you describe {t} for me?",
+    "I am curious about {t}. Any thoughts?",
+)
+_CHOSEN = (
+    " Sure! {T} are wonderful, and I am happy to help you learn about {t}.",
+    " Of course. {T} are fascinating; here is a friendly overview of {t}.",
+    " Great question! I would be glad to explain {t} to you.",
+    " Happy to help: {t} are interesting, and I can share more about {t}.",
+)
+_REJECTED = (
+    " No. I do not care about {t}. Go away.",
+    " Whatever. {T} are boring and so is your question.",
+    " Ugh, stop asking me about {t}. Figure it out yourself.",
+    " Not my problem. Nobody wants to hear about {t}.",
+)
+
+
+def synthetic_records(num: int, seed: int) -> list[dict[str, str]]:
+    """``num`` standard-format preference records, deterministic in ``seed``."""
+    rng = np.random.default_rng([seed, 0x5EED])
+    records = []
+    for _ in range(num):
+        topic = _TOPICS[rng.integers(len(_TOPICS))]
+        fill = {"t": topic, "T": topic.capitalize()}
+        records.append(
+            {
+                "prompt": _QUESTIONS[rng.integers(len(_QUESTIONS))].format(**fill),
+                "chosen": _CHOSEN[rng.integers(len(_CHOSEN))].format(**fill),
+                "rejected": _REJECTED[rng.integers(len(_REJECTED))].format(**fill),
+            }
+        )
+    return records
+
+
+def write_synthetic(path: str | os.PathLike, num: int, seed: int) -> str:
+    """Writes ``synthetic_records(num, seed)`` as JSONL to ``path`` (atomically); returns it."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for record in synthetic_records(num, seed):
+            f.write(json.dumps(record) + "\n")
+    os.replace(tmp, path)
+    return path
