@@ -10,6 +10,7 @@ from jaxalign.parallel.distributed import (
     initialize_distributed,
     is_main_process,
 )
+from jaxalign.parallel.memory import ShardedBytes, sharded_bytes
 from jaxalign.parallel.mesh import MESH_AXES, make_mesh, mesh_config, resolve_mesh_shape
 from jaxalign.parallel.rules import (
     LOGICAL_AXIS_RULES,
@@ -25,6 +26,7 @@ __all__ = [
     "MESH_AXES",
     "DataShard",
     "DistributedInfo",
+    "ShardedBytes",
     "batch_sharding",
     "create_sharded",
     "data_shard",
@@ -39,5 +41,6 @@ __all__ = [
     "param_shardings",
     "resolve_mesh_shape",
     "shard_tree",
+    "sharded_bytes",
     "sharding_fn",
 ]
