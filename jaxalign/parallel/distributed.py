@@ -9,7 +9,10 @@ Resolution, first match wins (must run before any JAX computation):
    ``JAX_PROCESS_ID`` (when a cluster JAX can detect provides them, they may be omitted);
 4. ``auto_detect`` and a multi-process cluster environment JAX knows (SLURM with
    ``SLURM_NTASKS > 1``, Open MPI with ``OMPI_COMM_WORLD_SIZE > 1``, a Cloud TPU VM):
-   ``jax.distributed.initialize()`` with no addresses, JAX reads them itself;
+   ``jax.distributed.initialize()`` with no addresses, JAX reads them itself. On SLURM and
+   Open MPI JAX then assumes one process per GPU (it shows each process only GPU
+   ``local rank``); for one process per node pass everything explicitly (as
+   ``tools/launch_slurm.sh`` does) or set ``local_device_ids``;
 5. otherwise: single process, nothing to do.
 """
 
@@ -155,7 +158,9 @@ def initialize_distributed(config: Any = None) -> DistributedInfo:
             )
         method = "explicit"
         kwargs = {"coordinator_address": address, "num_processes": num_processes, "process_id": process_id}
-        if cluster is None:
+        if num_processes is not None and process_id is not None:
+            # Everything is explicit: keep JAX's cluster detection out, or on SLURM it would
+            # restrict each process to GPU ``SLURM_LOCALID`` (one process per GPU assumed).
             kwargs["cluster_detection_method"] = "deactivate"
     elif cluster is not None:
         method = "auto"

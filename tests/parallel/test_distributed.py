@@ -142,3 +142,23 @@ def test_bad_environment_value(calls, monkeypatch):
 def test_already_initialized_is_reported(monkeypatch):
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
     assert initialize_distributed({"coordinator_address": "h:1"}).method == "already"
+
+
+def test_explicit_inside_slurm_keeps_all_local_devices(calls, monkeypatch):
+    # one process per node: JAX's SLURM detection must not pin each process to GPU SLURM_LOCALID
+    for var, value in {"SLURM_JOB_ID": "77", "SLURM_NTASKS": "2", "SLURM_STEP_NODELIST": "n[1-2]",
+                       "SLURM_PROCID": "1", "SLURM_LOCALID": "0", "JAX_COORDINATOR_ADDRESS": "n1:12345",
+                       "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}.items():
+        monkeypatch.setenv(var, value)
+    initialize_distributed(None)
+    assert calls[0]["cluster_detection_method"] == "deactivate"
+    assert calls[0]["local_device_ids"] is None
+
+
+def test_explicit_address_with_cluster_filling_the_rest(calls, monkeypatch):
+    for var, value in {"SLURM_JOB_ID": "77", "SLURM_NTASKS": "2", "SLURM_STEP_NODELIST": "n[1-2]",
+                       "SLURM_PROCID": "1", "SLURM_LOCALID": "0"}.items():
+        monkeypatch.setenv(var, value)
+    initialize_distributed({"coordinator_address": "n1:12345"})
+    assert calls[0]["coordinator_address"] == "n1:12345"
+    assert calls[0]["num_processes"] is None and "cluster_detection_method" not in calls[0]
