@@ -76,6 +76,12 @@ def detect_format(row: Mapping[str, Any]) -> str:
     keys = set(row)
     if set(_DOVE_RELEASE_KEYS) <= keys or {"prompt_chosen", "prompt_rejected"} <= keys:
         return "dove"
+    # A row with half of a pair is a broken pair, not another format.
+    for group in (_DOVE_RELEASE_KEYS, ("prompt_chosen", "prompt_rejected"), ("chosen", "rejected")):
+        present = [k for k in group if k in keys]
+        if present and len(present) < len(group):
+            missing = next(k for k in group if k not in keys)
+            raise FieldError(missing, f"missing (the row has {', '.join(repr(k) for k in present)})")
     if {"chosen", "rejected"} <= keys:
         if "prompt" not in keys:
             return "implicit"

@@ -124,5 +124,7 @@ def test_detection_and_validation_errors():
         parse_row({"prompt": "Q", "chosen": " same", "rejected": " same"})
     with pytest.raises(FieldError, match="chosen: empty"):
         parse_row({"prompt": "Q", "chosen": "  \n", "rejected": " r"})
+    with pytest.raises(FieldError, match="r_reject: missing \\(the row has 'i_chosen', 'r_chosen', 'i_reject'\\)"):
+        parse_row({"i_chosen": "Q", "r_chosen": " a", "i_reject": "Q2"})
     with pytest.raises(FieldError, match="chosen: is null"):
         parse_row({"prompt": "Q", "chosen": None, "rejected": " r"})
