@@ -23,9 +23,14 @@ def hh_rows() -> list[dict]:
 
 
 @pytest.fixture(scope="session")
-def bpe_tokenizer(tmp_path_factory):
+def bpe_tokenizer_dir(tmp_path_factory):
+    return build_bpe_tokenizer(tmp_path_factory.mktemp("bpe"))
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer(bpe_tokenizer_dir):
     """GPT-2-style byte-level BPE trained on the fixture: adds BOS, EOS = <|eos|>, own pad."""
-    return load_tokenizer(build_bpe_tokenizer(tmp_path_factory.mktemp("bpe")))
+    return load_tokenizer(bpe_tokenizer_dir)
 
 
 @pytest.fixture(scope="session")
@@ -44,10 +49,3 @@ def qwen_tokenizer(qwen_tokenizer_dir):
 def tokenizer(request):
     """Both real tokenizers, one after the other."""
     return request.getfixturevalue(f"{request.param}_tokenizer")
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
-    return path
