@@ -119,7 +119,8 @@ class Encoder:
     def _render(self, prompt: Text, completion: Text | None, field: str) -> tuple[str, str]:
         """``(prompt_text, completion_text)``; message lists go through the chat template."""
         if isinstance(prompt, str):
-            assert completion is None or isinstance(completion, str)
+            if completion is not None and not isinstance(completion, str):
+                raise FieldError(field, "a message-list completion needs a message-list prompt")
             return prompt, completion or ""
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise FieldError(field, "conversational record but the tokenizer has no chat template")

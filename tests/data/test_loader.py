@@ -138,3 +138,35 @@ def test_loaders_from_the_trainer_config(bpe_tokenizer, hh_path):
     held = _indices(list(loaders.eval))
     assert len(held) == 16 and len(train) == 199 - 16 and not set(train) & set(held)
     assert loaders.train.mask == "prompt_and_completion"
+
+
+def test_padded_state_resumes_with_another_process_count():
+    """Global padded batches do not depend on the shard count: 2 processes -> 1 process resumes exactly."""
+    two = [_loader(shard=(q, 2)) for q in range(2)]
+    for s in two:
+        _take(s, 4)
+    states = [s.get_state() for s in two]
+    assert states[0] == states[1]  # the same state on every process
+    one = _loader()
+    one.set_state(states[0])
+    reference = _take(_loader(), 8)[4:]
+    _same(_take(one, 4), reference)
+    packed_state = _loader(True, shard=(0, 2)).get_state()
+    with pytest.raises(ValueError, match="shard_count was 2, now 1"):
+        _loader(True).set_state(packed_state)
+
+
+def test_sft_loader(bpe_tokenizer, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(5)]
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loader = build_loader(str(path), bpe_tokenizer, batch_size=4, family="sft", max_length=32, max_prompt_length=16,
+                          shard_index=0, shard_count=1, seed=3, buckets=(32,))
+    batches = _take(loader, 2)
+    assert batches[0]["input_ids"].shape == (4, 32)  # one row per example
+    assert sorted(_indices(batches)) == list(range(5)) and batches[1]["pair_mask"].tolist() == [1, 0, 0, 0]
+    assert set(np.unique(batches[0]["sequence_ids"]).tolist()) == {-1, 0, 1, 2, 3}
+    with pytest.raises(ValueError, match="no usable examples"):
+        build_loader(str(path), bpe_tokenizer, batch_size=4, max_length=32, max_prompt_length=16,
+                     on_bad_record="skip", shard_index=0, shard_count=1)
