@@ -112,9 +112,14 @@ class Encoder:
             raise ValueError(f"eos_token {eos_token!r} is not in the tokenizer's vocabulary")
         self.on_boundary_merge = on_boundary_merge
         self.boundary_merges = 0
+        self._recent: dict[str, list[int]] = {}  # chosen and rejected share their prompt text
 
     def _ids(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if text not in self._recent:
+            if len(self._recent) >= 4:
+                self._recent.clear()
+            self._recent[text] = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(self._recent[text])
 
     def _render(self, prompt: Text, completion: Text | None, field: str) -> tuple[str, str]:
         """``(prompt_text, completion_text)``; message lists go through the chat template."""
