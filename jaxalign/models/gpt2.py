@@ -13,13 +13,13 @@ from flax import nnx
 
 from jaxalign.models.causal_lm import CausalLM, attend
 from jaxalign.models.config import ModelConfig
-from jaxalign.models.layers import Embed, LayerNorm, Projection, activation_fn, param
+from jaxalign.models.layers import Embed, Initializer, LayerNorm, Projection, activation_fn
 
 
 class GPT2Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, init: Initializer):
         d, h, dh = cfg.hidden_size, cfg.num_heads, cfg.head_dim
-        kw = dict(rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        kw = dict(init=init, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         self.c_attn = Projection((d, 3, h, dh), ("embed", None, "heads", "head_dim"), "bld,dthk->blthk",
                                  n_in=1, bias=True, **kw)
         self.c_proj = Projection((h, dh, d), ("heads", "head_dim", "embed"), "blhk,hkd->bld",
@@ -34,9 +34,9 @@ class GPT2Attention(nnx.Module):
 
 
 class GPT2MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, init: Initializer):
         d, f = cfg.hidden_size, cfg.intermediate_size
-        kw = dict(n_in=1, bias=True, rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        kw = dict(n_in=1, bias=True, init=init, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         self.c_fc = Projection((d, f), ("embed", "mlp"), "bld,df->blf", **kw)
         self.c_proj = Projection((f, d), ("mlp", "embed"), "blf,fd->bld", **kw)
         self.act = activation_fn(cfg.activation)
@@ -46,12 +46,12 @@ class GPT2MLP(nnx.Module):
 
 
 class GPT2Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        norm = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    def __init__(self, cfg: ModelConfig, *, init: Initializer):
+        norm = dict(init=init, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         self.ln_1 = LayerNorm(cfg.hidden_size, cfg.norm_eps, **norm)
-        self.attn = GPT2Attention(cfg, rngs=rngs)
+        self.attn = GPT2Attention(cfg, init=init)
         self.ln_2 = LayerNorm(cfg.hidden_size, cfg.norm_eps, **norm)
-        self.mlp = GPT2MLP(cfg, rngs=rngs)
+        self.mlp = GPT2MLP(cfg, init=init)
 
     def __call__(self, x, positions, mask, kv, index):
         attn, kv = self.attn(self.ln_1(x), positions, mask, kv, index)
@@ -60,18 +60,18 @@ class GPT2Block(nnx.Module):
 
 
 class GPT2LMHeadModel(CausalLM):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, init: Initializer):
         if not cfg.is_gpt2:
             raise ValueError(f"GPT2LMHeadModel got a {cfg.family!r} config; use LlamaForCausalLM")
         self.config = cfg
-        kw = dict(rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        kw = dict(init=init, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         self.wte = Embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), **kw)
         self.wpe = Embed(cfg.max_position, cfg.hidden_size, (None, "embed"), **kw)
-        self.h = nnx.List([GPT2Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-        self.ln_f = LayerNorm(cfg.hidden_size, cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        self.h = nnx.List([GPT2Block(cfg, init=init) for _ in range(cfg.num_layers)])
+        self.ln_f = LayerNorm(cfg.hidden_size, cfg.norm_eps, init=init, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         self.lm_head = nnx.data(
             None if cfg.tie_embeddings
-            else param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype)
+            else init((cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype)
         )
 
     @property

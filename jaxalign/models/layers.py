@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Axes = tuple[str | None, ...]
@@ -18,19 +19,28 @@ Axes = tuple[str | None, ...]
 INIT_STD = 0.02
 
 
-def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: Axes, dtype, init: str = "normal") -> nnx.Param:
-    """A parameter of ``shape`` labelled with logical ``axes``: N(0, 0.02^2), ones or zeros."""
-    if len(axes) != len(shape):
-        raise ValueError(f"axes {axes} do not match shape {shape}")
-    if init == "normal":
-        value = INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)
-    elif init == "ones":
-        value = jnp.ones(shape, jnp.float32)
-    elif init == "zeros":
-        value = jnp.zeros(shape, jnp.float32)
-    else:
-        raise ValueError(f"unknown init {init!r}")
-    return nnx.Param(value.astype(dtype), out_sharding=axes, eager_sharding=False)
+class Initializer:
+    """Creates parameters: N(0, 0.02^2), ones or zeros drawn on the host with numpy (no XLA
+    compilation per shape), or, with ``seed=None``, abstract ``jax.ShapeDtypeStruct`` leaves that
+    allocate nothing (for checkpoint loading). Values depend only on the seed and creation order.
+    """
+
+    def __init__(self, seed: int | None):
+        self.rng = None if seed is None else np.random.default_rng(seed)
+
+    def __call__(self, shape: tuple[int, ...], axes: Axes, dtype, init: str = "normal") -> nnx.Param:
+        """A parameter of ``shape`` labelled with logical ``axes`` (one name or None per dimension)."""
+        if len(axes) != len(shape):
+            raise ValueError(f"axes {axes} do not match shape {shape}")
+        if self.rng is None:
+            value = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
+        elif init == "normal":
+            value = jnp.asarray((INIT_STD * self.rng.standard_normal(shape, np.float32)).astype(dtype))
+        elif init in ("ones", "zeros"):
+            value = jnp.asarray((np.ones if init == "ones" else np.zeros)(shape, np.dtype(dtype)))
+        else:
+            raise ValueError(f"unknown init {init!r}")
+        return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
 def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
@@ -48,8 +58,8 @@ def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
 class RMSNorm(nnx.Module):
     """``y = x / sqrt(mean(x^2) + eps) * scale``, normalised in float32."""
 
-    def __init__(self, dim: int, eps: float, *, dtype, param_dtype):
-        self.scale = param(None, (dim,), ("norm",), param_dtype, init="ones")
+    def __init__(self, dim: int, eps: float, *, init: Initializer, dtype, param_dtype):
+        self.scale = init((dim,), ("norm",), param_dtype, init="ones")
         self.eps = eps
         self.dtype = dtype
 
@@ -62,9 +72,9 @@ class RMSNorm(nnx.Module):
 class LayerNorm(nnx.Module):
     """``y = (x - mean) / sqrt(var + eps) * scale + bias``, normalised in float32."""
 
-    def __init__(self, dim: int, eps: float, *, dtype, param_dtype):
-        self.scale = param(None, (dim,), ("norm",), param_dtype, init="ones")
-        self.bias = param(None, (dim,), ("norm",), param_dtype, init="zeros")
+    def __init__(self, dim: int, eps: float, *, init: Initializer, dtype, param_dtype):
+        self.scale = init((dim,), ("norm",), param_dtype, init="ones")
+        self.bias = init((dim,), ("norm",), param_dtype, init="zeros")
         self.eps = eps
         self.dtype = dtype
 
@@ -79,8 +89,8 @@ class LayerNorm(nnx.Module):
 class Embed(nnx.Module):
     """A lookup table ``[num, dim]``; ``axes`` names its two dimensions."""
 
-    def __init__(self, num: int, dim: int, axes: Axes, *, rngs: nnx.Rngs, dtype, param_dtype):
-        self.embedding = param(rngs, (num, dim), axes, param_dtype)
+    def __init__(self, num: int, dim: int, axes: Axes, *, init: Initializer, dtype, param_dtype):
+        self.embedding = init((num, dim), axes, param_dtype)
         self.dtype = dtype
 
     def __call__(self, ids: jax.Array) -> jax.Array:
@@ -94,9 +104,9 @@ class Projection(nnx.Module):
     """
 
     def __init__(self, kernel_shape: tuple[int, ...], axes: Axes, equation: str, *, n_in: int, bias: bool,
-                 rngs: nnx.Rngs, dtype, param_dtype):
-        self.kernel = param(rngs, kernel_shape, axes, param_dtype)
-        self.bias = nnx.data(param(None, kernel_shape[n_in:], axes[n_in:], param_dtype, init="zeros") if bias else None)
+                 init: Initializer, dtype, param_dtype):
+        self.kernel = init(kernel_shape, axes, param_dtype)
+        self.bias = nnx.data(init(kernel_shape[n_in:], axes[n_in:], param_dtype, init="zeros") if bias else None)
         self.equation = equation
         self.dtype = dtype
 

@@ -12,14 +12,14 @@ from flax import nnx
 
 from jaxalign.models.causal_lm import CausalLM, attend
 from jaxalign.models.config import ModelConfig
-from jaxalign.models.layers import Embed, Projection, RMSNorm, activation_fn, param
+from jaxalign.models.layers import Embed, Initializer, Projection, RMSNorm, activation_fn
 from jaxalign.models.rope import apply_rope, inverse_frequencies
 
 
 class LlamaAttention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, init: Initializer):
         d, h, kv, dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        kw = dict(rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        kw = dict(init=init, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         self.q_proj = Projection((d, h, dh), ("embed", "heads", "head_dim"), "bld,dhk->blhk",
                                  n_in=1, bias=cfg.attention_bias, **kw)
         self.k_proj = Projection((d, kv, dh), ("embed", "kv_heads", "head_dim"), "bld,dhk->blhk",
@@ -39,9 +39,9 @@ class LlamaAttention(nnx.Module):
 
 
 class LlamaMLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, init: Initializer):
         d, f = cfg.hidden_size, cfg.intermediate_size
-        kw = dict(n_in=1, bias=cfg.mlp_bias, rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        kw = dict(n_in=1, bias=cfg.mlp_bias, init=init, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         self.gate_proj = Projection((d, f), ("embed", "mlp"), "bld,df->blf", **kw)
         self.up_proj = Projection((d, f), ("embed", "mlp"), "bld,df->blf", **kw)
         self.down_proj = Projection((f, d), ("mlp", "embed"), "blf,fd->bld", **kw)
@@ -52,12 +52,12 @@ class LlamaMLP(nnx.Module):
 
 
 class LlamaBlock(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        norm = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    def __init__(self, cfg: ModelConfig, *, init: Initializer):
+        norm = dict(init=init, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, **norm)
-        self.self_attn = LlamaAttention(cfg, rngs=rngs)
+        self.self_attn = LlamaAttention(cfg, init=init)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, **norm)
-        self.mlp = LlamaMLP(cfg, rngs=rngs)
+        self.mlp = LlamaMLP(cfg, init=init)
 
     def __call__(self, x, positions, mask, kv, index):
         attn, kv = self.self_attn(self.input_layernorm(x), positions, mask, kv, index)
@@ -66,17 +66,17 @@ class LlamaBlock(nnx.Module):
 
 
 class LlamaForCausalLM(CausalLM):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, init: Initializer):
         if cfg.is_gpt2:
             raise ValueError("LlamaForCausalLM got a gpt2 config; use GPT2LMHeadModel")
         self.config = cfg
-        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), rngs=rngs,
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), init=init,
                                   dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        self.layers = nnx.List([LlamaBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        self.layers = nnx.List([LlamaBlock(cfg, init=init) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, init=init, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         self.lm_head = nnx.data(
             None if cfg.tie_embeddings
-            else param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype)
+            else init((cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype)
         )
 
     def embed(self, input_ids: jax.Array, positions: jax.Array) -> jax.Array:
