@@ -171,3 +171,29 @@ def test_shard_tree_moves_concrete_state(mesh222, toy):
     assert placed["gate"].get_value().sharding.spec == P("fsdp", "tensor")
     assert placed["gate"].get_value().addressable_shards[0].data.shape == (16, 32)
     np.testing.assert_array_equal(np.asarray(placed["gate"].get_value()), np.asarray(params["gate"].get_value()))
+
+
+def test_every_name_of_jaxalign_models_is_in_the_table(mesh222):
+    from jaxalign.models import ModelConfig, abstract_model
+
+    llama = ModelConfig(family="llama", vocab_size=64, hidden_size=32, num_layers=1, num_heads=4,
+                        num_kv_heads=2, head_dim=8, intermediate_size=64, max_position=16)
+    gpt2 = ModelConfig(family="gpt2", vocab_size=63, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=4,
+                       head_dim=8, intermediate_size=64, max_position=16, attention_bias=True,
+                       attention_out_bias=True, mlp_bias=True)
+    specs = {}
+    for name, cfg in (("llama", llama), ("gpt2", gpt2)):
+        shardings = param_shardings(abstract_model(cfg), mesh222)  # raises on an unknown name
+        flat = nnx.to_flat_state(shardings)
+        specs[name] = {".".join(map(str, path)): var.get_value().spec for path, var in flat}
+    assert specs["llama"]["layers.0.self_attn.q_proj.kernel"] == P("fsdp", "tensor")
+    assert specs["llama"]["layers.0.self_attn.k_proj.kernel"] == P("fsdp", "tensor")
+    assert specs["llama"]["layers.0.self_attn.o_proj.kernel"] == P("tensor", None, "fsdp")
+    assert specs["llama"]["layers.0.mlp.down_proj.kernel"] == P("tensor", "fsdp")
+    assert specs["llama"]["embed_tokens.embedding"] == P("tensor", "fsdp")
+    assert specs["llama"]["lm_head"] == P("fsdp", "tensor")
+    assert specs["llama"]["norm.scale"] == P()
+    # GPT-2: odd vocabulary 63 falls back to replication over tensor; fused qkv keeps its None dim
+    assert specs["gpt2"]["wte.embedding"] == P(None, "fsdp")
+    assert specs["gpt2"]["h.0.attn.c_attn.kernel"] == P("fsdp", None, "tensor")
+    assert specs["gpt2"]["wpe.embedding"] == P(None, "fsdp")
