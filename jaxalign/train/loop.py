@@ -156,8 +156,12 @@ def _export(run: Run, state: Any) -> str:
     return out
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
-    """Trains (or resumes) the run of ``config`` in ``workdir``; see the module docstring."""
+def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None) -> RunResult:
+    """Trains (or resumes) the run of ``config`` in ``workdir``; see the module docstring.
+
+    ``stop_at_step`` ends this invocation early, after that optimizer step, with a
+    checkpoint (as an interrupted job would); running ``train`` again resumes from it.
+    """
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     checkpoints = RunCheckpoints(
@@ -188,9 +192,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
         log.write(0, eval_metrics)
     window: list[dict[str, Any]] = []
     batches = _step_batches(run)
-    saved_step = latest
     try:
-        while step < run.total_steps:
+        end = run.total_steps if stop_at_step is None else min(stop_at_step, run.total_steps)
+        while step < end:
             host = next(batches)
             tokens = float(np.sum(host["segment_ids"] > 0))
             state, metrics = run.train_step(state, run.device_batch(host, stacked=True), run.reference_params)
@@ -204,7 +208,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
                 window = []
                 log.write(step, train_metrics)
                 progress.show({"loss": train_metrics["loss"], **{k: v for k, v in eval_metrics.items() if k in _SHOWN}})
-            checkpoint_due = last or (c.checkpoint_every and step % c.checkpoint_every == 0)
+            checkpoint_due = step == end or (c.checkpoint_every and step % c.checkpoint_every == 0)
             eval_due = last or (c.eval_every and step % c.eval_every == 0)
             if run.eval_loader is not None and (eval_due or (checkpoint_due and c.checkpoint.keep_best)):
                 eval_metrics = evaluate(run, state.params)
@@ -213,11 +217,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
             if checkpoint_due:
                 meta = {"loader": run.train_loader.get_state(), "step": step}
                 checkpoints.save(step, state, meta, eval_metrics if eval_due or c.checkpoint.keep_best else None)
-                saved_step = step
-        if saved_step != step:
-            checkpoints.save(step, state, {"loader": run.train_loader.get_state(), "step": step})
         checkpoints.wait()
-        export_dir = _export(run, state) if c.checkpoint.export else None
+        finished = step == run.total_steps
+        export_dir = _export(run, state) if c.checkpoint.export and finished else None
     finally:
         progress.close()
         log.close()

@@ -160,7 +160,7 @@ def make_train_step(
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
         loss = _combine(losses_, shares)
         metrics = {k: _combine(v, shares) for k, v in metrics_.items()}
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         rng, _ = jax.random.split(state.rng)

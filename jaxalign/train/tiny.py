@@ -3,7 +3,7 @@
 ``ensure_tiny_model(path, spec, ...)`` does nothing when ``path`` already holds a
 ``config.json``; otherwise it trains the small byte-level BPE of ``jaxalign.tokenizers`` (on
 ``corpus``, or the committed HH-RLHF fixture by default), builds a decoder of the
-``model.tiny`` config group with ``jaxalign.models.make_model`` and exports both with
+``model.tiny`` config group (``jaxalign.models.tiny.tiny_config``, ``make_model``) and exports both with
 ``jaxalign.models.save_pretrained``. Nothing is downloaded.
 """
 
@@ -17,33 +17,30 @@ from pathlib import Path
 import ml_collections
 
 from jaxalign import models
+from jaxalign.models.tiny import round_up, tiny_config
 from jaxalign.tokenizers import build_bpe_tokenizer, load_tokenizer
 
 __all__ = ["ensure_tiny_model", "tiny_model_config"]
 
 
 def tiny_model_config(spec: ml_collections.ConfigDict, tokenizer, max_position: int) -> models.ModelConfig:
-    """The ``ModelConfig`` of the ``model.tiny`` spec for ``tokenizer``'s vocabulary."""
+    """The ``ModelConfig`` of the ``model.tiny`` spec (``jaxalign.models.tiny.tiny_config``);
+    the vocabulary covers ``tokenizer``, rounded up to a multiple of 64."""
     if spec.hidden_size % spec.num_heads:
         raise ValueError(f"model.tiny.hidden_size {spec.hidden_size} must be a multiple of num_heads {spec.num_heads}")
-    common = dict(
-        vocab_size=len(tokenizer),
+    return tiny_config(
+        spec.family,
+        vocab_size=round_up(len(tokenizer)),
         hidden_size=spec.hidden_size,
         num_layers=spec.num_layers,
         num_heads=spec.num_heads,
-        head_dim=spec.hidden_size // spec.num_heads,
+        num_kv_heads=spec.num_heads if spec.family == "gpt2" else spec.num_kv_heads,
         intermediate_size=spec.intermediate_size,
         max_position=max_position,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    if spec.family == "gpt2":
-        return models.ModelConfig(
-            family="gpt2", num_kv_heads=spec.num_heads, activation="gelu_new", norm_eps=1e-5,
-            attention_bias=True, attention_out_bias=True, mlp_bias=True, tie_embeddings=True, **common,
-        )
-    return models.ModelConfig(family="llama", num_kv_heads=spec.num_kv_heads, **common)
 
 
 def ensure_tiny_model(

@@ -1,0 +1,106 @@
+"""Shared fixtures of the trainer tests: one tiny model, one synthetic data file, a config factory.
+
+Everything is built once per session and kept tiny (hidden 32, two layers, rows of 64 tokens,
+a mesh of one device) so that the compiled steps are cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from jaxalign.train.config import base_config
+from jaxalign.train.synthetic import synthetic_records
+from jaxalign.train.tiny import ensure_tiny_model
+
+NUM_RECORDS = 48
+
+
+def tiny_spec():
+    spec = base_config().model.tiny
+    spec.hidden_size = 32
+    spec.intermediate_size = 64
+    spec.num_heads = 4
+    spec.num_kv_heads = 2
+    spec.num_layers = 2
+    return spec
+
+
+def corpus(records):
+    return [r["prompt"] + r[side] for r in records for side in ("chosen", "rejected")]
+
+
+@pytest.fixture(scope="session")
+def records():
+    return synthetic_records(NUM_RECORDS, seed=7)
+
+
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory, records):
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, records):
+    path = tmp_path_factory.mktemp("models") / "tiny"
+    ensure_tiny_model(path, tiny_spec(), max_position=128, seed=0, corpus=corpus(records))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def make_config(tiny_model_dir, data_file):
+    """``make_config(**overrides)``: a tiny, fast, validated-by-the-run config (dotted keys)."""
+
+    def make(**overrides):
+        c = base_config()
+        c.steps = 2
+        c.log_every = 1
+        c.eval_every = 0
+        c.checkpoint_every = 0
+        c.progress_bar = False
+        c.model.path = tiny_model_dir
+        c.data.train = data_file
+        c.data.eval_pairs = 8
+        c.data.batch_size = 4
+        c.data.max_length = 64
+        c.data.max_prompt_length = 32
+        c.data.buckets = (64,)
+        c.eval.batch_size = 8
+        c.eval.at_start = False
+        c.optimizer.learning_rate = 1e-3
+        c.optimizer.warmup_steps = 0
+        c.checkpoint.export = False
+        c.checkpoint.async_save = False
+        c.mesh.data = 1
+        c.mesh.fsdp = 1
+        c.mesh.tensor = 1
+        for key, value in overrides.items():
+            node = c
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node[p]
+            node[leaf] = value
+        return c
+
+    return make
+
+
+def _metrics_by_step(workdir: str) -> dict[int, dict]:
+    out: dict[int, dict] = {}
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+        for line in f:
+            entry = json.loads(line)
+            out.setdefault(entry["step"], {}).update(entry)
+    return out
+
+
+@pytest.fixture(scope="session")
+def metrics_by_step():
+    """``metrics_by_step(workdir) -> {step: entry}`` (train and eval entries of a step merged)."""
+    return _metrics_by_step
