@@ -210,6 +210,15 @@ def from_hf_config(
 
     ``source`` names where the config came from (e.g. the config.json path) in error messages.
     """
+    try:
+        return _from_hf_config(hf, dtype=dtype, param_dtype=param_dtype, remat=remat, source=source)
+    except (UnsupportedModelError, ValueError) as e:
+        if str(e).startswith(source):
+            raise
+        raise type(e)(f"{source}: {e}") from e
+
+
+def _from_hf_config(hf, *, dtype, param_dtype, remat: str, source: str) -> ModelConfig:
     model_type = getattr(hf, "model_type", None)
     if model_type not in FAMILIES:
         arch = getattr(hf, "architectures", None)
