@@ -14,6 +14,7 @@ For every mesh it reports, per device: parameter and optimizer bytes from the sh
 
     python tools/memory_analysis.py --devices 8 --mesh fsdp=8 --mesh data=2,fsdp=4
     python tools/memory_analysis.py --table       # the docs/scaling.md table: 8 and 64 devices
+    python tools/memory_analysis.py --table --constrain-blocks   # activations pinned per block
 
 ``--devices N`` fakes N CPU devices (``XLA_FLAGS``), so it must be set before JAX starts: the
 ``--table`` mode runs one subprocess per device count.
@@ -38,6 +39,7 @@ if __name__ == "__main__":  # fake devices must be configured before jax is impo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dataclasses  # noqa: E402
+from functools import partial  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -47,6 +49,8 @@ from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from jaxalign import losses, parallel  # noqa: E402
 from jaxalign.models import ModelConfig, abstract_model  # noqa: E402
+from jaxalign.models.attention import make_attention_mask  # noqa: E402
+from jaxalign.models.config import remat_policy  # noqa: E402
 
 GIB = 2**30
 
@@ -109,12 +113,38 @@ def abstract_batch(pairs: int, length: int, mesh) -> dict[str, jax.ShapeDtypeStr
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=rows) for k, (shape, dtype) in spec.items()}
 
 
-def dpo_step(graphdef, optimizer: optax.GradientTransformation, *, beta: float = 0.1, chunk_size: int = 128):
+def constrained_hidden_states(model, input_ids, *, positions, segment_ids):
+    """``model.hidden_states`` with the residual stream pinned to batch sharding at every block.
+
+    Runs the decoder through its documented interface (``embed``, ``layers``, ``final_norm``)
+    and ``parallel.with_logical_constraint(x, ("batch", "length", "embed"))`` after the
+    embedding and after each block; the rest (mask, remat policy) as ``CausalLM.hidden_states``.
+    Needed only while the models do not constrain activations themselves.
+    """
+    index = jnp.arange(input_ids.shape[1])
+    mask = make_attention_mask(index, index, segment_ids, segment_ids, positions, positions,
+                               model.config.sliding_window)
+
+    def apply(block, x):
+        return block(x, positions, mask, None, None)[0]
+
+    if model.config.remat != "none":
+        apply = nnx.remat(apply, policy=remat_policy(model.config.remat))
+    names = ("batch", "length", "embed")
+    x = parallel.with_logical_constraint(model.embed(input_ids, positions), names)
+    for block in model.layers:
+        x = parallel.with_logical_constraint(apply(block, x), names)
+    return model.final_norm(x)
+
+
+def dpo_step(graphdef, optimizer: optax.GradientTransformation, *, beta: float = 0.1, chunk_size: int = 128,
+             constrain_blocks: bool = False):
     """``(params, opt_state, batch) -> (params, opt_state, loss)``: one DPO + AdamW step."""
 
     def loss_fn(params, batch):
         model = nnx.merge(graphdef, params)
-        hidden = model.hidden_states(batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+        forward = partial(constrained_hidden_states, model) if constrain_blocks else model.hidden_states
+        hidden = forward(batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"])
         token = losses.token_logps_from_hidden(
             hidden, model.unembedding(), batch["input_ids"], chunk_size=chunk_size, segment_ids=batch["segment_ids"]
         )
@@ -139,8 +169,13 @@ def _with_shardings(tree, shardings):
 
 
 def analyse(model_config: ModelConfig, mesh_config: dict[str, int], *, pairs: int, length: int,
-            chunk_size: int = 128, devices=None) -> MemoryReport:
-    """Lowers and compiles the DPO step for ``mesh_config`` from abstract shapes; reports bytes."""
+            chunk_size: int = 128, constrain_blocks: bool = False, devices=None) -> MemoryReport:
+    """Lowers and compiles the DPO step for ``mesh_config`` from abstract shapes; reports bytes.
+
+    ``constrain_blocks``: pin activations to batch sharding at block boundaries (see
+    :func:`constrained_hidden_states`). Lowering happens under ``jax.set_mesh(mesh)``, so
+    constraints inside the model take effect either way.
+    """
     mesh = parallel.make_mesh(mesh_config, devices=devices)
     graphdef, params = nnx.split(abstract_model(model_config))
     optimizer = optax.adamw(1e-5, weight_decay=0.0)
@@ -149,12 +184,14 @@ def analyse(model_config: ModelConfig, mesh_config: dict[str, int], *, pairs: in
     opt_sh = parallel.param_shardings(opt_state, mesh)
     batch = abstract_batch(pairs, length, mesh)
     step = jax.jit(
-        dpo_step(graphdef, optimizer, chunk_size=chunk_size),
+        dpo_step(graphdef, optimizer, chunk_size=chunk_size, constrain_blocks=constrain_blocks),
         in_shardings=(params_sh, opt_sh, parallel.batch_sharding(mesh)),
         out_shardings=(params_sh, opt_sh, NamedSharding(mesh, PartitionSpec())),
         donate_argnums=(0, 1),
     )
-    compiled = step.lower(_with_shardings(params, params_sh), _with_shardings(opt_state, opt_sh), batch).compile()
+    with jax.set_mesh(mesh):
+        lowered = step.lower(_with_shardings(params, params_sh), _with_shardings(opt_state, opt_sh), batch)
+    compiled = lowered.compile()
     stats = compiled.memory_analysis()
     param_bytes = parallel.sharded_bytes(params, params_sh)
     opt_bytes = parallel.sharded_bytes(opt_state, opt_sh)
@@ -209,6 +246,8 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(MODELS), default="7b")
     parser.add_argument("--pairs", type=int, default=0, help="preference pairs per step (default: one per data*fsdp shard)")
     parser.add_argument("--length", type=int, default=2048, help="tokens per row")
+    parser.add_argument("--constrain-blocks", action="store_true",
+                        help="pin activations to batch sharding at every block boundary")
     parser.add_argument("--json", action="store_true", help="print one JSON object per mesh instead of table rows")
     parser.add_argument("--table", action="store_true", help="run the 8- and 64-device table (one subprocess each)")
     args = parser.parse_args()
@@ -217,6 +256,7 @@ def main() -> None:
         print(TABLE_HEADER)
         for devices, meshes in TABLE_MESHES.items():
             cmd = [sys.executable, __file__, "--devices", str(devices), "--model", args.model, "--length", str(args.length)]
+            cmd += ["--constrain-blocks"] if args.constrain_blocks else []
             for mesh in meshes:
                 cmd += ["--mesh", mesh]
             subprocess.run(cmd, check=True)
@@ -227,7 +267,7 @@ def main() -> None:
         mesh_config = _parse_mesh(text)
         rows = parallel.resolve_mesh_shape(mesh_config, jax.device_count())
         pairs = args.pairs or rows[0] * rows[1]
-        report = analyse(model, mesh_config, pairs=pairs, length=args.length)
+        report = analyse(model, mesh_config, pairs=pairs, length=args.length, constrain_blocks=args.constrain_blocks)
         if args.json:
             print(json.dumps({**dataclasses.asdict(report), "pairs": pairs, "length": args.length}), flush=True)
         else:

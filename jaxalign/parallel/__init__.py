@@ -18,6 +18,7 @@ from jaxalign.parallel.rules import (
     opt_state_shardings,
     param_shardings,
     sharding_fn,
+    with_logical_constraint,
 )
 from jaxalign.parallel.sharded import create_sharded, shard_tree
 
@@ -43,4 +44,5 @@ __all__ = [
     "shard_tree",
     "sharded_bytes",
     "sharding_fn",
+    "with_logical_constraint",
 ]

@@ -195,3 +195,21 @@ def opt_state_shardings(opt_state: Any, params: Any, params_shardings: Any, mesh
         is_leaf=mirrors_params,
     )
 
+
+
+def with_logical_constraint(x: jax.Array, logical_axes: Sequence[str | None], rules: Rules = LOGICAL_AXIS_RULES) -> jax.Array:
+    """``x`` constrained to the sharding its logical axes give on the current mesh (else unchanged).
+
+    For activations inside a jitted step run under ``jax.set_mesh(mesh)``; without a mesh
+    context this is the identity, so model code can call it unconditionally. The residual
+    stream ``[B, L, D]`` named ``("batch", "length", "embed")`` becomes rows split over
+    ``("data", "fsdp")`` (``embed`` loses ``fsdp`` to ``batch``): pinned at every block boundary,
+    it makes XLA all-gather FSDP weights instead of all-gathering the batch, which automatic
+    propagation otherwise tends to choose (the weights' sharded ``embed`` dim is the contraction
+    dim of every projection).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = logical_to_spec(logical_axes, x.shape, mesh, rules)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

@@ -22,6 +22,11 @@ def create_sharded(create_fn: Callable[[], M], mesh: Mesh, rules: Rules = LOGICA
     device materialises only its own shards. Flax's eager sharding is switched off while
     tracing: placement comes from ``rules`` alone, with the divisibility fallback of
     :func:`jaxalign.parallel.rules.logical_to_spec`.
+
+    Only ``jax.random``-based initialisers avoid a full host copy: values that ``create_fn``
+    draws on the host (numpy, as ``jaxalign.models.make_model`` does) enter the jitted
+    function as constants. That is fine for test-sized models; large ones come from
+    ``from_pretrained(..., sharding_fn=sharding_fn(mesh))``, which places tensor by tensor.
     """
     with nnx.use_eager_sharding(False):
         abstract = nnx.eval_shape(create_fn)

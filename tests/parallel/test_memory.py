@@ -34,9 +34,14 @@ def test_sharded_bytes_counts_shards_and_replicas():
     assert sharded_bytes(tree, shardings) == (64 * 32 * 4 + 32 * 2, 64 * 32 * 4 // 8 + 32 * 2)
 
 
-@pytest.mark.parametrize("mesh_config", [{"fsdp": 8}, {"fsdp": 4, "tensor": 2}], ids=["fsdp8", "fsdp4-tensor2"])
-def test_tiny_llama_dpo_step(tool, mesh_config):
-    report = tool.analyse(tool.LLAMA_TINY, mesh_config, pairs=8, length=32, chunk_size=16)
+@pytest.mark.parametrize(
+    "mesh_config, constrain_blocks",
+    [({"fsdp": 8}, True), ({"fsdp": 4, "tensor": 2}, False)],
+    ids=["fsdp8-constrained", "fsdp4-tensor2"],
+)
+def test_tiny_llama_dpo_step(tool, mesh_config, constrain_blocks):
+    report = tool.analyse(tool.LLAMA_TINY, mesh_config, pairs=8, length=32, chunk_size=16,
+                          constrain_blocks=constrain_blocks)
     cfg = tool.LLAMA_TINY
     d, f, v, layers = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers
     matrices = v * d * 2 + layers * (4 * d * d + 3 * d * f)  # embed, lm_head, q/k/v/o, gate/up/down

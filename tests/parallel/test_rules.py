@@ -21,6 +21,7 @@ from jaxalign.parallel import (
     param_shardings,
     shard_tree,
     sharding_fn,
+    with_logical_constraint,
 )
 
 
@@ -197,3 +198,19 @@ def test_every_name_of_jaxalign_models_is_in_the_table(mesh222):
     assert specs["gpt2"]["wte.embedding"] == P(None, "fsdp")
     assert specs["gpt2"]["h.0.attn.c_attn.kernel"] == P("fsdp", None, "tensor")
     assert specs["gpt2"]["wpe.embedding"] == P(None, "fsdp")
+
+
+def test_with_logical_constraint(mesh222):
+    x = jnp.ones((8, 4, 16))
+    assert with_logical_constraint(x, ("batch", "length", "embed")) is x  # no mesh context: identity
+
+    @jax.jit
+    def f(x, q):
+        return (with_logical_constraint(x * 2, ("batch", "length", "embed")),
+                with_logical_constraint(q * 2, ("batch", "length", "heads", "head_dim")))
+
+    with jax.set_mesh(mesh222):
+        y, q = f(x, jnp.ones((8, 4, 4, 2)))
+    assert y.sharding.spec == P(("data", "fsdp"))  # embed lost fsdp to batch
+    assert q.sharding.spec == P(("data", "fsdp"), None, "tensor")
+    np.testing.assert_array_equal(np.asarray(y), 2 * np.ones((8, 4, 16)))
