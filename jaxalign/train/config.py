@@ -27,6 +27,7 @@ __all__ = [
     "flatten",
     "grad_accum_steps",
     "micro_batch_size",
+    "preference_recipe",
     "validate",
 ]
 
@@ -124,6 +125,34 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.at_start = True  # evaluate before the first step (the starting point of the curves)
 
     c.lock()
+    return c
+
+
+def preference_recipe(loss_name: str) -> ml_collections.ConfigDict:
+    """``base_config()`` with the settings the pairwise recipes (configs/dpo.py, ...) share.
+
+    TRL's DPOConfig defaults where they exist: AdamW at 1e-6 with warmup and cosine decay,
+    sequences up to 1024 tokens (prompts up to 512), 64 pairs per step in micro-batches of 8,
+    a frozen reference, the best checkpoint kept by eval loss.
+    """
+    c = base_config()
+    c.steps = 1000
+    c.log_every = 10
+    c.eval_every = 100
+    c.checkpoint_every = 500
+    c.data.max_length = 1024
+    c.data.max_prompt_length = 512
+    c.data.buckets = (256, 512, 1024)
+    c.data.batch_size = 64
+    c.data.micro_batch_size = 8
+    c.loss.name = loss_name
+    c.loss.beta = 0.1
+    c.reference.mode = "frozen"
+    c.optimizer.name = "adamw"
+    c.optimizer.learning_rate = 1e-6
+    c.optimizer.warmup_steps = 100
+    c.optimizer.schedule = "cosine"
+    c.checkpoint.keep_best = "eval/loss"
     return c
 
 

@@ -126,9 +126,10 @@ def _resolve_inputs(config: ml_collections.ConfigDict, workdir: str, is_main: bo
     config = ml_collections.ConfigDict(config.to_dict())
     corpus = None
     if config.data.train == SYNTHETIC_SOURCE:
-        path = os.path.join(workdir, "data", "synthetic.jsonl")
+        sft = config.loss.name == "sft"
+        path = os.path.join(workdir, "data", "synthetic-sft.jsonl" if sft else "synthetic.jsonl")
         if is_main and not os.path.exists(path):
-            write_synthetic(path, config.data.synthetic_pairs, config.seed)
+            write_synthetic(path, config.data.synthetic_pairs, config.seed, sft=sft)
         _barrier("synthetic-data")
         config.data.train = path
         records = synthetic_records(config.data.synthetic_pairs, config.seed)

@@ -8,7 +8,8 @@ implicit reward (0 at step 0, since the policy equals the reference) climbs towa
 
 ``data.train = "synthetic"`` makes the trainer write ``data.synthetic_pairs`` such records
 (standard format: ``prompt``, ``chosen``, ``rejected`` strings) to
-``WORKDIR/data/synthetic.jsonl``, deterministically from ``seed``.
+``WORKDIR/data/synthetic.jsonl``, deterministically from ``seed`` (for ``loss.name = "sft"``:
+SFT records with the chosen answer as the completion, ``WORKDIR/data/synthetic-sft.jsonl``).
 """
 
 from __future__ import annotations
@@ -65,13 +66,18 @@ def synthetic_records(num: int, seed: int) -> list[dict[str, str]]:
     return records
 
 
-def write_synthetic(path: str | os.PathLike, num: int, seed: int) -> str:
-    """Writes ``synthetic_records(num, seed)`` as JSONL to ``path`` (atomically); returns it."""
+def write_synthetic(path: str | os.PathLike, num: int, seed: int, *, sft: bool = False) -> str:
+    """Writes ``synthetic_records(num, seed)`` as JSONL to ``path`` (atomically); returns it.
+
+    ``sft`` writes SFT records instead: ``{"prompt", "completion"}`` with the chosen answer.
+    """
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         for record in synthetic_records(num, seed):
+            if sft:
+                record = {"prompt": record["prompt"], "completion": record["chosen"]}
             f.write(json.dumps(record) + "\n")
     os.replace(tmp, path)
     return path
