@@ -1,0 +1,226 @@
+"""The jaxalign side of the benchmark: the trainer's own run assembly and jitted step.
+
+A variant is built exactly as ``python -m jaxalign.train`` builds a run
+(``jaxalign.train.run.prepare`` on a config from ``base_config()``) and stepped as the
+trainer's loop steps it (host batch -> ``Run.device_batch`` -> ``Run.train_step``, metrics
+left on the device), without eval, checkpoints or logging.
+
+Steady state: before the first timed window every row length the loader can produce is
+compiled ahead of time (one ``lower().compile()`` per bucket, timed as ``compile_s``), run
+once, and ``warmup_steps`` more steps are run. A window then runs ``n`` steps back to back
+and waits for the last one; its time covers batch assembly on the host and the device work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["OursBench", "OursVariant", "ablation_ladder", "bucket_ladder"]
+
+
+@dataclass(frozen=True)
+class OursVariant:
+    """One jaxalign configuration: which of the throughput features are on."""
+
+    name: str
+    reference: str = "frozen"  # frozen (reference forward in the step) | precomputed (cache)
+    packing: bool = False  # several sequences per row (segment ids)
+    bucketing: bool = True  # pad each batch to the smallest bucket that fits (else to max_length)
+    chunked_logps: bool = True  # log-probs from hidden states in chunks (else one [R, L, V] chunk)
+    dtype: str = "float32"  # compute dtype
+    remat: str = "none"  # per-layer rematerialisation policy
+
+    @property
+    def on_the_fly_reference(self) -> bool:
+        return self.reference == "frozen"
+
+
+def bucket_ladder(max_length: int, smallest: int = 64) -> tuple[int, ...]:
+    """Row-length buckets: powers of two from ``smallest`` below ``max_length``, then ``max_length``."""
+    out, b = [], smallest
+    while b < max_length:
+        out.append(b)
+        b *= 2
+    return (*out, max_length)
+
+
+def ablation_ladder() -> list[OursVariant]:
+    """Features switched on one at a time, each variant adding one to the previous."""
+    base = OursVariant("jaxalign/baseline", bucketing=False, chunked_logps=False)
+    steps = [
+        ("jaxalign/+bucketing", {"bucketing": True}),
+        ("jaxalign/+chunked-logps", {"chunked_logps": True}),
+        ("jaxalign/+packing", {"packing": True}),
+        ("jaxalign/+reference-cache", {"reference": "precomputed"}),
+    ]
+    out = [base]
+    for name, change in steps:
+        out.append(dataclasses.replace(out[-1], name=name, **change))
+    return out
+
+
+def make_config(workload: dict[str, Any], variant: OursVariant, *, batch: int, seed: int, learning_rate: float):
+    """The trainer config of ``variant`` on the workload (validated)."""
+    from jaxalign.train.config import base_config, validate
+
+    max_length = workload["max_length"]
+    c = base_config()
+    c.seed = seed
+    c.steps = 1_000_000  # only the schedule reads it: the benchmark stops by itself
+    c.progress_bar = False
+    c.model.path = workload["model_dir"]
+    c.model.dtype = variant.dtype
+    c.model.remat = variant.remat
+    c.model.logits_chunk = 0 if variant.chunked_logps else max_length
+    c.data.train = workload["pairs_file"]
+    c.data.format = "standard"
+    c.data.eval_pairs = 0
+    c.data.max_length = max_length
+    c.data.max_prompt_length = max_length - 1
+    c.data.batch_size = batch
+    c.data.packing = variant.packing
+    c.data.buckets = bucket_ladder(max_length) if variant.bucketing else (max_length,)
+    c.loss.name = "dpo"
+    c.loss.beta = 0.1
+    c.reference.mode = variant.reference
+    c.optimizer.name = "adamw"
+    c.optimizer.learning_rate = learning_rate
+    c.optimizer.schedule = "constant"
+    c.mesh.data = c.mesh.fsdp = c.mesh.tensor = 1
+    return validate(c)
+
+
+class OursBench:
+    """Worker-side state of one jaxalign variant (see the module docstring)."""
+
+    def __init__(self, workload: dict[str, Any], variant: OursVariant, *, batch: int, warmup_steps: int,
+                 workdir: str, seed: int = 0, learning_rate: float = 1e-6):
+        self.workload, self.variant = workload, variant
+        self.batch, self.warmup_steps = batch, warmup_steps
+        self.workdir, self.seed, self.learning_rate = workdir, seed, learning_rate
+        self.run: Any = None
+        self.state: Any = None
+        self.metrics: Any = None
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def _host_step_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from jaxalign.train.step import stack_micro_batches
+
+        return stack_micro_batches([batch])
+
+    def _shape_batches(self) -> list[dict[str, np.ndarray]]:
+        """One real batch for every row length the loader can produce (packing: one shape)."""
+        from jaxalign.data import padded_batch
+
+        loader = self.run.train_loader
+        if loader.packing:
+            return [next(loader)]
+        out = []
+        for length in loader.buckets:
+            fitting = [e for e, m in zip(loader.examples, loader.max_len) if m <= length][: loader.local_slots]
+            if not fitting:
+                continue
+            slots = fitting + [None] * (loader.local_slots - len(fitting))
+            out.append(padded_batch(slots, length=length, pad_id=loader.pad_id, mask=loader.mask,
+                                    sequences_per_slot=loader.seqs_per_slot))
+        return out
+
+    def _reference_pass(self, params: Any) -> float:
+        """Seconds of one pass of the reference forward over the epoch's pairs (as the cache builds it)."""
+        import jax
+
+        from jaxalign.data import EncodedDataset, Loader
+        from jaxalign.train.step import make_reference_fn
+
+        run = self.run
+        loader = Loader(EncodedDataset(run.train_loader.examples, run.train_loader.report),
+                        batch_size=self.batch, pad_id=run.train_loader.pad_id, shuffle=False, num_epochs=1,
+                        mask=run.train_loader.mask, buckets=tuple(run.config.data.buckets))
+        fn = make_reference_fn(graphdef=run.graphdef, logits_chunk=run.config.model.logits_chunk)
+        start = time.perf_counter()
+        out = None
+        for batch in loader:
+            out = fn(params, run.device_batch(batch, stacked=False))
+        jax.block_until_ready(out)
+        return time.perf_counter() - start
+
+    def setup(self) -> dict[str, Any]:
+        import jax
+
+        from jaxalign.train.run import prepare
+
+        config = make_config(self.workload, self.variant, batch=self.batch, seed=self.seed,
+                             learning_rate=self.learning_rate)
+        start = time.perf_counter()
+        self.run = prepare(config, self.workdir)
+        prepare_s = time.perf_counter() - start
+        self.state = self.run.state
+        info: dict[str, Any] = {"prepare_s": prepare_s}
+        if self.variant.reference == "precomputed":
+            params = self.state.params["model"]
+            info["reference_pass_first_s"] = self._reference_pass(params)  # compiles each bucket
+            info["reference_pass_s"] = self._reference_pass(params)  # steady
+        compile_s, shapes = 0.0, []
+        step = self.run.train_step
+        for batch in self._shape_batches():
+            device = self.run.device_batch(self._host_step_batch(batch), stacked=True)
+            t = time.perf_counter()
+            step.lower(self.state, device, self.run.reference_params).compile()
+            compile_s += time.perf_counter() - t
+            shapes.append(list(batch["input_ids"].shape))
+            self.state, self.metrics = step(self.state, device, self.run.reference_params)
+        jax.block_until_ready(self.state)
+        t = time.perf_counter()
+        self.window(self.warmup_steps)
+        info.update(compile_s=compile_s, compiled_shapes=shapes, warmup_s=time.perf_counter() - t,
+                    batches_per_epoch=self.run.train_loader.batches_in_epoch(0),
+                    pairs_per_epoch=len(self.run.train_loader.examples),
+                    pack_rows=getattr(self.run.train_loader, "pack_rows", None))
+        return info
+
+    # -- measurement -------------------------------------------------------------------------
+
+    def window(self, steps: int) -> dict[str, Any]:
+        """Runs ``steps`` steps and waits for the last; counts pairs and tokens on the host."""
+        import jax
+
+        run = self.run
+        pairs = tokens = slots = completion = 0.0
+        start = time.perf_counter()
+        for _ in range(steps):
+            host = self._host_step_batch(next(run.train_loader))
+            pairs += float(host["pair_mask"].sum())
+            tokens += float(np.count_nonzero(host["segment_ids"]))
+            slots += float(host["segment_ids"].size)
+            completion += float(host["loss_mask"].sum())
+            self.state, self.metrics = run.train_step(self.state, run.device_batch(host, stacked=True),
+                                                      run.reference_params)
+        jax.block_until_ready(self.state)
+        seconds = time.perf_counter() - start
+        return {"steps": steps, "seconds": seconds, "pairs": pairs, "tokens": tokens, "row_slots": slots,
+                "completion_tokens": completion}
+
+    def finish(self) -> dict[str, Any]:
+        import jax
+
+        from jaxalign.bench.memory import device_peak_bytes, peak_rss_bytes
+
+        loss = float(jax.device_get(self.metrics["loss"])) if self.metrics is not None else math.nan
+        return {"peak_rss_bytes": peak_rss_bytes(), "device_peak_bytes": device_peak_bytes(), "last_loss": loss,
+                "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+                "pid": os.getpid()}
+
+
+def serve_ours(conn, **kwargs: Any) -> None:
+    """Worker entry point: serves ``OursBench(**kwargs)`` on ``conn``."""
+    from jaxalign.bench.session import serve
+
+    serve(OursBench(**kwargs), conn)

@@ -1,0 +1,111 @@
+"""The device's peak FLOP/s: measured with a large matmul on CPU, the vendor's figure on GPU/TPU.
+
+``measured_matmul_peak`` times ``C = A @ B`` for square ``n x n`` operands (``2 n^3`` FLOPs)
+under ``jax.jit`` and returns the best of ``repeats`` timed runs (after one compile-and-warm
+run): the highest FLOP/s this backend reaches on this machine for that dtype, which is the
+denominator of the CPU MFU. ``vendor_peak`` looks an accelerator's dense peak up by its
+``device_kind``.
+"""
+
+from __future__ import annotations
+
+import time
+
+__all__ = ["VENDOR_PEAKS", "PeakBench", "measured_matmul_peak", "serve_peak", "torch_matmul_peak", "vendor_peak"]
+
+# Dense (no sparsity) peak FLOP/s from the vendors' data sheets, by dtype.
+VENDOR_PEAKS: dict[str, dict[str, float]] = {
+    "H100 SXM": {"bfloat16": 989.4e12, "float16": 989.4e12, "tf32": 494.7e12, "float32": 66.9e12},
+    "H100 PCIe": {"bfloat16": 756.0e12, "float16": 756.0e12, "tf32": 378.0e12, "float32": 51.2e12},
+    "H200": {"bfloat16": 989.4e12, "float16": 989.4e12, "tf32": 494.7e12, "float32": 66.9e12},
+    "A100": {"bfloat16": 312.0e12, "float16": 312.0e12, "tf32": 156.0e12, "float32": 19.5e12},
+    "TPU v5e": {"bfloat16": 197.0e12},
+    "TPU v5p": {"bfloat16": 459.0e12},
+}
+# device_kind substrings -> VENDOR_PEAKS key (first match wins).
+_KINDS = (("H100 PCIe", "H100 PCIe"), ("H100", "H100 SXM"), ("H200", "H200"), ("A100", "A100"),
+          ("v5 lite", "TPU v5e"), ("v5e", "TPU v5e"), ("v5p", "TPU v5p"))
+
+
+def vendor_peak(device_kind: str, dtype: str = "bfloat16") -> float | None:
+    """The data-sheet dense peak FLOP/s of ``device_kind`` for ``dtype``; None when unknown."""
+    for fragment, key in _KINDS:
+        if fragment.lower() in device_kind.lower():
+            return VENDOR_PEAKS[key].get(dtype)
+    return None
+
+
+def measured_matmul_peak(n: int = 3072, dtype: str = "float32", repeats: int = 5) -> dict[str, float]:
+    """``{"flops_per_s", "seconds", "n", ...}``: best FLOP/s of an ``n x n`` matmul under jit."""
+    import jax
+    import jax.numpy as jnp
+
+    if n < 1 or repeats < 1:
+        raise ValueError(f"measured_matmul_peak needs n >= 1 and repeats >= 1, got n={n}, repeats={repeats}")
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.dtype(dtype))
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.dtype(dtype))
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        times.append(time.perf_counter() - start)
+    best = min(times)
+    return {"flops_per_s": 2.0 * n**3 / best, "seconds": best, "median_seconds": sorted(times)[len(times) // 2],
+            "n": n, "dtype": dtype, "repeats": repeats}
+
+
+def torch_matmul_peak(n: int = 3072, dtype: str = "float32", repeats: int = 5) -> dict[str, float]:
+    """The same measurement in PyTorch (CPU): what TRL's matmuls can reach (bfloat16 uses AMX
+    where the CPU has it)."""
+    import torch
+
+    dt = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(dt)
+    b = torch.randn(n, n, generator=gen).to(dt)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    best = min(times)
+    return {"flops_per_s": 2.0 * n**3 / best, "seconds": best, "n": n, "dtype": dtype, "repeats": repeats,
+            "threads": torch.get_num_threads()}
+
+
+class PeakBench:
+    """Worker measuring the peaks once on ``setup`` (JAX float32; PyTorch float32/bfloat16 if asked)."""
+
+    def __init__(self, *, n: int, repeats: int, torch_threads: int | None):
+        self.n, self.repeats, self.torch_threads = n, repeats, torch_threads
+
+    def setup(self) -> dict:
+        import jax
+
+        out = {"jax_float32": measured_matmul_peak(self.n, "float32", self.repeats),
+               "device_kind": jax.devices()[0].device_kind, "backend": jax.default_backend()}
+        if out["backend"] != "cpu":
+            out["vendor"] = {d: vendor_peak(out["device_kind"], d) for d in ("bfloat16", "tf32", "float32")}
+        if self.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.torch_threads)
+            out["torch_float32"] = torch_matmul_peak(self.n, "float32", self.repeats)
+            out["torch_bfloat16"] = torch_matmul_peak(self.n, "bfloat16", self.repeats)
+        return out
+
+    def window(self, steps: int) -> dict:
+        raise ValueError("the peak worker runs no windows")
+
+    def finish(self) -> dict:
+        return {}
+
+
+def serve_peak(conn, **kwargs) -> None:
+    """Worker entry point for ``PeakBench``."""
+    from jaxalign.bench.session import serve
+
+    serve(PeakBench(**kwargs), conn)
