@@ -1,0 +1,103 @@
+"""Precomputed reference log-probs: same run as the frozen reference; cache keyed by its inputs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from jaxalign.train.loop import train
+from jaxalign.train.metrics import read_metrics
+from jaxalign.train.reference import ReferenceCache
+from jaxalign.train.run import prepare
+from jaxalign.train.tiny import ensure_tiny_model
+
+TIMING_KEYS = ("steps_per_second", "tokens_per_second")
+
+
+@pytest.fixture(scope="module")
+def reference_dir(tmp_path_factory, records):
+    """A second tiny model (other seed, same tokenizer) as the reference, so rewards are non-zero."""
+    from jaxalign.train.config import base_config
+
+    spec = base_config().model.tiny
+    spec.hidden_size, spec.intermediate_size, spec.num_heads, spec.num_kv_heads, spec.num_layers = 32, 64, 4, 2, 2
+    path = tmp_path_factory.mktemp("reference") / "ref"
+    corpus = [r["prompt"] + r[side] for r in records for side in ("chosen", "rejected")]
+    ensure_tiny_model(path, spec, max_position=128, seed=5, corpus=corpus)
+    return str(path)
+
+
+def _entries(workdir) -> dict[int, dict]:
+    out: dict[int, dict] = {}
+    for e in read_metrics(workdir):
+        out.setdefault(e["step"], {}).update({k: v for k, v in e.items() if k not in TIMING_KEYS})
+    return out
+
+
+def test_precomputed_reference_equals_frozen_reference(make_config, reference_dir, tmp_path):
+    overrides = {
+        "steps": 3, "eval_every": 3, "data.micro_batch_size": 2, "reference.path": reference_dir,
+        "checkpoint.export": True, "optimizer.learning_rate": 1e-2,
+    }
+    frozen = train(make_config(**overrides, **{"reference.mode": "frozen"}), tmp_path / "frozen")
+    pre = train(make_config(**overrides, **{"reference.mode": "precomputed"}), tmp_path / "pre")
+    cache_files = os.listdir(tmp_path / "pre" / "reference_cache")
+    assert len(cache_files) == 2  # train and eval examples
+
+    a, b = _entries(tmp_path / "frozen"), _entries(tmp_path / "pre")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    assert abs(a[1]["rewards/margins"]) > 1e-3  # a reference that differs from the policy
+    for step in a:
+        for key, value in a[step].items():
+            assert b[step][key] == pytest.approx(value, abs=2e-5), (step, key)
+    pa = load_file(os.path.join(frozen.export_dir, "model.safetensors"))
+    pb = load_file(os.path.join(pre.export_dir, "model.safetensors"))
+    assert max(float(np.max(np.abs(pa[k] - pb[k]))) for k in pa) <= 1e-5
+
+
+def test_cache_is_recomputed_when_an_input_changes(make_config, reference_dir, tiny_model_dir, tmp_path):
+    cache_dir = str(tmp_path / "cache")
+    base = {"reference.mode": "precomputed", "reference.path": reference_dir, "reference.cache_dir": cache_dir,
+            "data.eval_pairs": 0}
+
+    def cache_files():
+        return set(os.listdir(cache_dir))
+
+    first = prepare(make_config(**base), str(tmp_path / "w1"))
+    files = cache_files()
+    assert len(files) == 1
+    # Same inputs: the cache is reused, not recomputed.
+    stamp = {f: os.path.getmtime(os.path.join(cache_dir, f)) for f in files}
+    prepare(make_config(**base), str(tmp_path / "w2"))
+    assert cache_files() == files and all(os.path.getmtime(os.path.join(cache_dir, f)) == t for f, t in stamp.items())
+
+    # Truncation settings change the key.
+    prepare(make_config(**base, **{"data.max_prompt_length": 16}), str(tmp_path / "w3"))
+    after_truncation = cache_files()
+    assert len(after_truncation) == 2
+
+    # Reference weights change the key (the policy is now its own reference).
+    prepare(make_config(**{**base, "reference.path": ""}), str(tmp_path / "w4"))
+    after_weights = cache_files()
+    assert len(after_weights) == 3
+
+    # The tokenizer changes the key even when the tokens do not (here only the chat template differs).
+    tok_dir = tmp_path / "tokenizer"
+    shutil.copytree(tiny_model_dir, tok_dir)
+    template = tok_dir / "chat_template.jinja"
+    template.write_text(template.read_text() + "{# edited #}")
+    prepare(make_config(**base, **{"model.tokenizer": str(tok_dir)}), str(tmp_path / "w5"))
+    assert len(cache_files()) == 4
+
+    # The cache holds every training example once, keyed by example_index.
+    cache = first.reference_caches["train"]
+    assert sorted(cache.indices.tolist()) == sorted(e.index for e in first.train_loader.examples)
+    looked_up = cache.lookup(np.array([cache.indices[0], -1]))
+    assert looked_up["ref_chosen_logps"][0] == cache.chosen[0] and looked_up["ref_chosen_logps"][1] == 0
+    with pytest.raises(KeyError, match="example_index"):
+        cache.lookup(np.array([10_000]))
+    assert isinstance(ReferenceCache.load(os.path.join(cache_dir, sorted(files)[0])), ReferenceCache)
