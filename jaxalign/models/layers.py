@@ -43,16 +43,27 @@ class Initializer:
         return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
+def _gelu_exact(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_tanh(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": _gelu_exact,
+    "gelu_new": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "relu": jax.nn.relu,
+}
+
+
 def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
     """HF activation names: ``gelu`` is exact (erf), ``gelu_new``/``gelu_pytorch_tanh`` the tanh form."""
-    return {
-        "silu": jax.nn.silu,
-        "swish": jax.nn.silu,
-        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-        "relu": jax.nn.relu,
-    }[name]
+    return _ACTIVATIONS[name]
 
 
 class RMSNorm(nnx.Module):

@@ -53,3 +53,11 @@ def test_cache_overflow_is_an_error(make_tiny):
     ones = jnp.ones((1, 3), jnp.int32)
     with pytest.raises(ValueError, match="KV cache overflow"):
         model.decode(ones, cache, positions=jnp.arange(3)[None], segment_ids=ones)
+
+
+def test_models_of_one_config_share_a_graphdef(make_tiny):
+    """Static structure only (no per-instance closures), so jitted steps and generate compile once."""
+    for name in ("llama", "gpt2"):
+        g1, _ = nnx.split(make_tiny(name, seed=0))
+        g2, _ = nnx.split(make_tiny(name, seed=1))
+        assert g1 == g2 and hash(g1) == hash(g2), name
