@@ -224,3 +224,19 @@ def test_index_naming_a_missing_shard(llama, tmp_path):
     (out / victim).unlink()
     with pytest.raises(CheckpointError, match=rf"weight file .*{victim} does not exist"):
         from_pretrained(out)
+
+
+def test_gpt2_hub_names_without_transformer_prefix(tmp_path):
+    """Hub GPT-2 checkpoints name tensors ``h.0.attn.c_attn.weight`` (no ``transformer.`` prefix)."""
+    model = make_model(tiny_config("gpt2", vocab_size=64, hidden_size=32, max_position=16), seed=2)
+    path = save_pretrained(model, tmp_path / "gpt2")
+
+    def strip(t):
+        for k in list(t):
+            t[k.removeprefix("transformer.")] = t.pop(k)
+
+    _rewrite(path, strip)
+    assert "h.0.attn.c_attn.weight" in SafetensorsFile(path / SINGLE_FILE).keys()
+    loaded = from_pretrained(path)
+    for k, v in _params(model).items():
+        np.testing.assert_array_equal(_params(loaded)[k], v, err_msg=str(k))
