@@ -16,7 +16,7 @@ def get_config():
     c.seed = 0
     c.steps = 120
     c.log_every = 10
-    c.eval_every = 20
+    c.eval_every = 10
     c.checkpoint_every = 60
     c.model.path = "runs/tiny-model"
     c.model.create_if_missing = True

@@ -9,6 +9,7 @@ margins, rewards, gradient norm and learning rate (train and eval); default outp
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from jaxalign.train.plot import plot_metrics
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"plot_metrics: {e}", file=sys.stderr)
         return 1
-    print(out)
+    print(os.path.abspath(out))
     return 0
 
 
