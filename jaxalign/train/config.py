@@ -47,7 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 500  # save a checkpoint every N steps (0 = only at the end)
     c.progress_bar = True  # show a tqdm progress bar on process 0
 
-    c.model = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict()  # the policy model and its precision
     c.model.path = ""  # Hugging Face checkpoint directory (config.json + *.safetensors)
     c.model.tokenizer = ""  # tokenizer directory; "" = model.path
     c.model.create_if_missing = False  # write a tiny random model + tokenizer at model.path if absent
@@ -64,7 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.tiny.intermediate_size = 128  # MLP width
     c.model.tiny.vocab_size = 1024  # BPE vocabulary size of the tokenizer trained for it
 
-    c.data = ml_collections.ConfigDict()
+    c.data = ml_collections.ConfigDict()  # training and held-out data, batching
     c.data.train = ""  # training file(s): comma-separated paths or globs (jsonl[.gz], parquet), or tfds:NAME
     c.data.eval = ""  # held-out file(s); "" = hold out `eval_pairs` records of `train`
     c.data.eval_pairs = 64  # records held out from `train` when `eval` is empty (0 = no eval)
@@ -79,7 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.on_bad_record = "error"  # error | skip (skipped records are counted and reported)
     c.data.synthetic_pairs = 512  # records written for data.train = "synthetic:DIR"
 
-    c.loss = ml_collections.ConfigDict()
+    c.loss = ml_collections.ConfigDict()  # the objective and its hyperparameters
     c.loss.name = "dpo"  # see ALLOWED["loss.name"]
     c.loss.beta = 0.1  # inverse temperature of the implicit reward (DPO family, VPO, DOVE)
     c.loss.label_smoothing = 0.0  # cDPO: assumed label-flip rate (dpo only; 0 = plain DPO)
@@ -91,12 +91,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.vpo_max_new_tokens = 32  # VPO reference_samples: tokens sampled per prompt
     c.loss.reward_margin = 0.0  # Bradley-Terry: margin subtracted from the reward difference
 
-    c.reference = ml_collections.ConfigDict()
+    c.reference = ml_collections.ConfigDict()  # where reference log-probs come from
     c.reference.mode = "frozen"  # frozen | precomputed | none (reference-free)
     c.reference.path = ""  # reference checkpoint; "" = model.path (the initial policy)
     c.reference.cache_dir = ""  # precomputed log-prob cache; "" = WORKDIR/reference_cache
 
-    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer = ml_collections.ConfigDict()  # optimizer, learning-rate schedule, clipping
     c.optimizer.name = "adamw"  # adamw | sgd | adafactor
     c.optimizer.learning_rate = 1e-6  # peak learning rate
     c.optimizer.warmup_steps = 0  # linear warmup from 0 to the peak
@@ -112,14 +112,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = parallel.mesh_config()  # device mesh axes data, fsdp, tensor (see jaxalign.parallel)
     c.distributed = parallel.distributed_config()  # multi-host start-up (see jaxalign.parallel)
 
-    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint = ml_collections.ConfigDict()  # checkpoint retention and the final export
     c.checkpoint.keep = 3  # keep the last N checkpoints
     c.checkpoint.keep_best = ""  # also keep the best checkpoint by this eval metric ("" = off)
     c.checkpoint.best_mode = "min"  # min | max for keep_best
     c.checkpoint.async_save = True  # write checkpoints in a background thread
     c.checkpoint.export = True  # write a Hugging Face checkpoint to WORKDIR/export at the end
 
-    c.eval = ml_collections.ConfigDict()
+    c.eval = ml_collections.ConfigDict()  # held-out evaluation
     c.eval.batch_size = 8  # pairs per eval batch
     c.eval.max_batches = 0  # cap on eval batches per evaluation (0 = all held-out pairs)
     c.eval.at_start = True  # evaluate before the first step (the starting point of the curves)
