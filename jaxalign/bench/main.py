@@ -112,6 +112,23 @@ def _reference_cache(variants: dict[str, Any]) -> dict[str, float] | None:
             "speedup_incl_cache_pass": e_frozen / (e_cached + cache_pass), "pairs_per_epoch": pairs}
 
 
+def _workers(names: list[str], args: argparse.Namespace, workload: dict[str, Any], workdir: Path) -> list[Worker]:
+    """One worker per variant, each with its own run directory."""
+    common = dict(workload=workload, batch=args.batch, warmup_steps=args.warmup_steps, seed=args.seed,
+                  learning_rate=args.learning_rate)
+    out = []
+    for name in names:
+        run_dir = str(workdir / "runs" / name.replace("/", "_").replace("+", ""))
+        if name in OURS_VARIANTS:
+            kwargs = {**common, "variant": OURS_VARIANTS[name], "workdir": run_dir}
+            out.append(Worker(name, serve_ours, kwargs, timeout_s=args.timeout))
+        else:
+            kwargs = {**common, "variant": TRL_VARIANTS[name], "workdir": run_dir, "threads": args.threads}
+            env = {"OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+            out.append(Worker(name, serve_trl, kwargs, env=env, timeout_s=args.timeout))
+    return out
+
+
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     """Runs the benchmark described by parsed ``args``; returns the result dict."""
     from jaxalign.bench.flops import param_counts
@@ -139,26 +156,15 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     peak_worker = Worker("peak", serve_peak, {"n": args.peak_n, "repeats": 5,
                                               "torch_threads": args.threads if trl_names else None},
                          timeout_s=args.timeout)
-    peaks_before = interleave([peak_worker], rounds=0, steps=0, log=_log)["peak"]["setup"]
-
-    common = dict(workload=wl, batch=args.batch, warmup_steps=args.warmup_steps, seed=args.seed,
-                  learning_rate=args.learning_rate)
-    workers = []
-    for name in names:
-        slug = name.replace("/", "_").replace("+", "")
-        if name in OURS_VARIANTS:
-            workers.append(Worker(name, serve_ours, {**common, "variant": OURS_VARIANTS[name],
-                                                     "workdir": str(workdir / "runs" / slug)}, timeout_s=args.timeout))
-        else:
-            workers.append(Worker(name, serve_trl, {**common, "variant": TRL_VARIANTS[name], "threads": args.threads,
-                                                    "workdir": str(workdir / "runs" / slug)},
-                                  env={"OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"},
-                                  timeout_s=args.timeout))
-    raw = interleave(workers, rounds=args.rounds, steps=args.steps, log=_log)
-    peak_worker = Worker("peak", serve_peak, {"n": args.peak_n, "repeats": 5, "torch_threads": None},
-                         timeout_s=args.timeout)
-    peaks_after = interleave([peak_worker], rounds=0, steps=0, log=_log)["peak"]["setup"]
-
+    peak_worker.start()
+    try:
+        peaks_before = peak_worker.request("setup")
+        workers = _workers(names, args, wl, workdir)
+        raw = interleave(workers, rounds=args.rounds, steps=args.steps, log=_log)
+        peaks_after = peak_worker.request("window", 0)
+        peak_worker.request("finish")
+    finally:
+        peak_worker.stop()
     if peaks_before["backend"] == "cpu":
         peak = max(peaks_before["jax_float32"]["flops_per_s"], peaks_after["jax_float32"]["flops_per_s"])
         peak_source = "measured float32 matmul, JAX, best of before/after"

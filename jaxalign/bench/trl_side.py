@@ -160,7 +160,8 @@ def serve_trl(conn, *, workload: dict[str, Any], variant: TRLVariant, batch: int
         )
         trainer.data_collator = _CountingCollator(trainer.data_collator, counts)
         trainer.train()
-        loss = next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), float("nan"))
+        loss = next((h.get("loss", h.get("train_loss")) for h in reversed(trainer.state.log_history)
+                     if "loss" in h or "train_loss" in h), float("nan"))
         conn.send({"peak_rss_bytes": peak_rss_bytes(), "device_peak_bytes": None, "last_loss": float(loss),
                    "pid": os.getpid()})
     except Exception:  # reported to the parent, which raises BenchError naming the worker
