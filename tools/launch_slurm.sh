@@ -32,7 +32,10 @@ set -euo pipefail
 [[ -n "${SLURM_JOB_ID:-}" ]] || { echo "launch_slurm.sh: submit with sbatch (no SLURM_JOB_ID)" >&2; exit 2; }
 [[ $# -gt 0 ]] || { echo "launch_slurm.sh: pass the training arguments, e.g. --config configs/dpo.py" >&2; exit 2; }
 
-head_node="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+# (read all names: `| head -n 1` would SIGPIPE scontrol and, under pipefail, fail the job)
+mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+head_node="${nodes[0]:-}"
+[[ -n "$head_node" ]] || { echo "launch_slurm.sh: scontrol gave no host for SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST" >&2; exit 1; }
 port="${COORDINATOR_PORT:-$((12000 + SLURM_JOB_ID % 20000))}"
 export JAX_COORDINATOR_ADDRESS="$head_node:$port"
 export JAX_NUM_PROCESSES="$SLURM_NTASKS"
