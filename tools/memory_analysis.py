@@ -3,10 +3,12 @@
 The step is lowered and compiled ahead of time from abstract shapes (``jax.ShapeDtypeStruct``
 with shardings from ``jaxalign.parallel``): forward of the policy over the concatenated batch
 (chosen rows then rejected rows), label-aligned token log-probs computed in chunks from the
-final hidden states, per-sequence sums, the DPO loss against precomputed reference log-probs,
-gradients and an AdamW update. The model is ``jaxalign.models``' Llama built abstractly
-(``nnx.eval_shape``). The step is self-contained here; it mirrors what ``jaxalign.train``'s
-step does, without a reference model in the step (reference log-probs come from the batch).
+final hidden states, per-sequence sums, the DPO loss against precomputed reference log-probs
+(no reference model in the step), gradients and an AdamW update. The model is
+``jaxalign.models``' Llama built abstractly (``abstract_model``). Two steps can be measured:
+``--step tool`` (default), the tool's own :func:`dpo_step`, written before the trainer
+existed and still needed for ``--constrain-blocks``; ``--step trainer``, ``jaxalign.train``'s
+real step (default config, one gradient-accumulation micro-batch).
 
 For every mesh it reports, per device: parameter and optimizer bytes from the shardings
 (compared with ``total / (fsdp * tensor)``), and XLA's ``compiled.memory_analysis()``
@@ -15,6 +17,7 @@ For every mesh it reports, per device: parameter and optimizer bytes from the sh
     python tools/memory_analysis.py --devices 8 --mesh fsdp=8 --mesh data=2,fsdp=4
     python tools/memory_analysis.py --table       # the docs/scaling.md table: 8 and 64 devices
     python tools/memory_analysis.py --table --constrain-blocks   # activations pinned per block
+    python tools/memory_analysis.py --table --step trainer       # jaxalign.train's step
 
 ``--devices N`` fakes N CPU devices (``XLA_FLAGS``), so it must be set before JAX starts: the
 ``--table`` mode runs one subprocess per device count.
@@ -40,6 +43,7 @@ if __name__ == "__main__":  # fake devices must be configured before jax is impo
 
 import dataclasses  # noqa: E402
 from functools import partial  # noqa: E402
+from typing import Any, NamedTuple  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -168,36 +172,86 @@ def _with_shardings(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def analyse(model_config: ModelConfig, mesh_config: dict[str, int], *, pairs: int, length: int,
-            chunk_size: int = 128, constrain_blocks: bool = False, devices=None) -> MemoryReport:
-    """Lowers and compiles the DPO step for ``mesh_config`` from abstract shapes; reports bytes.
+class _Lowerable(NamedTuple):
+    """A jitted step with its abstract arguments, and the parameter / optimizer parts of its state."""
 
-    ``constrain_blocks``: pin activations to batch sharding at block boundaries (see
-    :func:`constrained_hidden_states`). Lowering happens under ``jax.set_mesh(mesh)``, so
-    constraints inside the model take effect either way.
-    """
-    mesh = parallel.make_mesh(mesh_config, devices=devices)
-    graphdef, params = nnx.split(abstract_model(model_config))
+    step: Any
+    args: tuple
+    params: Any
+    params_sh: Any
+    opt_state: Any
+    opt_sh: Any
+
+
+def _tool_step(graphdef, params, mesh, batch, *, chunk_size: int, constrain_blocks: bool) -> _Lowerable:
     optimizer = optax.adamw(1e-5, weight_decay=0.0)
     opt_state = jax.eval_shape(optimizer.init, params)
     params_sh = parallel.param_shardings(params, mesh)
     opt_sh = parallel.param_shardings(opt_state, mesh)
-    batch = abstract_batch(pairs, length, mesh)
     step = jax.jit(
         dpo_step(graphdef, optimizer, chunk_size=chunk_size, constrain_blocks=constrain_blocks),
         in_shardings=(params_sh, opt_sh, parallel.batch_sharding(mesh)),
         out_shardings=(params_sh, opt_sh, NamedSharding(mesh, PartitionSpec())),
         donate_argnums=(0, 1),
     )
+    args = (_with_shardings(params, params_sh), _with_shardings(opt_state, opt_sh), batch)
+    return _Lowerable(step, args, params, params_sh, opt_state, opt_sh)
+
+
+def _trainer_step(graphdef, params, mesh, batch, *, chunk_size: int) -> _Lowerable:
+    """``jaxalign.train``'s step (default config: DPO, AdamW) with precomputed reference log-probs."""
+    from jaxalign.train.config import base_config
+    from jaxalign.train.objectives import make_objective
+    from jaxalign.train.optimizer import make_optimizer
+    from jaxalign.train.state import init_state
+    from jaxalign.train.step import make_train_step
+
+    config = base_config()
+    optimizer, schedule = make_optimizer(config.optimizer, 1000)
+    state = jax.eval_shape(lambda p: init_state(p, optimizer, 0), {"model": params})
+    state_sh = parallel.param_shardings(state, mesh)
+    micro = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")))  # [A=1 micro-batch, rows, ...]
+    step = make_train_step(
+        graphdef=graphdef, objective=make_objective(config.loss, "precomputed"), optimizer=optimizer,
+        schedule=schedule, reference_mode="precomputed", logits_chunk=chunk_size,
+        state_shardings=state_sh, batch_sharding=micro,
+    )
+    micro_batch = {k: jax.ShapeDtypeStruct((1, *v.shape), v.dtype, sharding=micro) for k, v in batch.items()}
+    args = (_with_shardings(state, state_sh), micro_batch, None)
+    return _Lowerable(step, args, state.params, state_sh.params, state.opt_state, state_sh.opt_state)
+
+
+def analyse(model_config: ModelConfig, mesh_config: dict[str, int], *, pairs: int, length: int,
+            chunk_size: int = 128, step: str = "tool", constrain_blocks: bool = False,
+            devices=None) -> MemoryReport:
+    """Lowers and compiles a DPO step for ``mesh_config`` from abstract shapes; reports bytes.
+
+    ``step``: ``"tool"`` (:func:`dpo_step`) or ``"trainer"`` (``jaxalign.train``'s step, its
+    default DPO + AdamW config, gradient-accumulation scan over one micro-batch).
+    ``constrain_blocks`` (tool step only): pin activations to batch sharding at block
+    boundaries (:func:`constrained_hidden_states`). Lowering happens under
+    ``jax.set_mesh(mesh)``, so constraints inside the model take effect either way.
+    """
+    if step not in ("tool", "trainer"):
+        raise ValueError(f"step must be 'tool' or 'trainer', got {step!r}")
+    if step == "trainer" and constrain_blocks:
+        raise ValueError("constrain_blocks applies to the tool's step only (the trainer calls model.hidden_states)")
+    mesh = parallel.make_mesh(mesh_config, devices=devices)
+    graphdef, params = nnx.split(abstract_model(model_config))
+    batch = abstract_batch(pairs, length, mesh)
+    if step == "tool":
+        built = _tool_step(graphdef, params, mesh, batch, chunk_size=chunk_size, constrain_blocks=constrain_blocks)
+    else:
+        built = _trainer_step(graphdef, params, mesh, batch, chunk_size=chunk_size)
     with jax.set_mesh(mesh):
-        lowered = step.lower(_with_shardings(params, params_sh), _with_shardings(opt_state, opt_sh), batch)
+        lowered = built.step.lower(*built.args)
     compiled = lowered.compile()
     stats = compiled.memory_analysis()
-    param_bytes = parallel.sharded_bytes(params, params_sh)
-    opt_bytes = parallel.sharded_bytes(opt_state, opt_sh)
+    param_bytes = parallel.sharded_bytes(built.params, built.params_sh)
+    opt_bytes = parallel.sharded_bytes(built.opt_state, built.opt_sh)
     return MemoryReport(
         mesh={a: int(mesh.shape[a]) for a in parallel.MESH_AXES},
-        num_params=sum(x.size for x in jax.tree.leaves(params)),
+        num_params=sum(x.size for x in jax.tree.leaves(built.params)),
         param_bytes_total=param_bytes.total,
         opt_bytes_total=opt_bytes.total,
         param_bytes_per_device=param_bytes.per_device,
@@ -246,6 +300,8 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(MODELS), default="7b")
     parser.add_argument("--pairs", type=int, default=0, help="preference pairs per step (default: one per data*fsdp shard)")
     parser.add_argument("--length", type=int, default=2048, help="tokens per row")
+    parser.add_argument("--step", choices=("tool", "trainer"), default="tool",
+                        help="the tool's own DPO step, or jaxalign.train's step")
     parser.add_argument("--constrain-blocks", action="store_true",
                         help="pin activations to batch sharding at every block boundary")
     parser.add_argument("--json", action="store_true", help="print one JSON object per mesh instead of table rows")
@@ -256,7 +312,7 @@ def main() -> None:
         print(TABLE_HEADER)
         for devices, meshes in TABLE_MESHES.items():
             cmd = [sys.executable, __file__, "--devices", str(devices), "--model", args.model, "--length", str(args.length)]
-            cmd += ["--constrain-blocks"] if args.constrain_blocks else []
+            cmd += ["--step", args.step] + (["--constrain-blocks"] if args.constrain_blocks else [])
             for mesh in meshes:
                 cmd += ["--mesh", mesh]
             subprocess.run(cmd, check=True)
@@ -267,7 +323,8 @@ def main() -> None:
         mesh_config = _parse_mesh(text)
         rows = parallel.resolve_mesh_shape(mesh_config, jax.device_count())
         pairs = args.pairs or rows[0] * rows[1]
-        report = analyse(model, mesh_config, pairs=pairs, length=args.length, constrain_blocks=args.constrain_blocks)
+        report = analyse(model, mesh_config, pairs=pairs, length=args.length, step=args.step,
+                         constrain_blocks=args.constrain_blocks)
         if args.json:
             print(json.dumps({**dataclasses.asdict(report), "pairs": pairs, "length": args.length}), flush=True)
         else:
