@@ -114,15 +114,18 @@ def reference_fingerprint(
 
 @dataclass(frozen=True)
 class ReferenceCache:
-    """Reference log-prob sums per example: ``indices [N]`` (example_index), ``chosen``, ``rejected``."""
+    """Reference log-prob sums per example: ``indices [N]`` (example_index), ``chosen``,
+    ``rejected`` and, for VPO reference samples, ``calibration`` (else None)."""
 
     indices: np.ndarray
     chosen: np.ndarray
     rejected: np.ndarray
+    calibration: np.ndarray | None = None
 
     def lookup(self, example_index: np.ndarray) -> dict[str, np.ndarray]:
-        """``{"ref_chosen_logps", "ref_rejected_logps"}`` (float32, shaped like ``example_index``);
-        0 for filler slots (index -1). ``KeyError`` naming the index when one is not cached."""
+        """``{"ref_chosen_logps", "ref_rejected_logps"[, "ref_calibration_logps"]}`` (float32,
+        shaped like ``example_index``); 0 for filler slots (index -1). ``KeyError`` naming the
+        index when one is not cached."""
         example_index = np.asarray(example_index)
         order = np.argsort(self.indices, kind="stable")
         sorted_idx = self.indices[order]
@@ -135,28 +138,35 @@ class ReferenceCache:
             raise KeyError(f"reference cache has no entry for example_index {missing}")
         real = flat >= 0
         rows = order[pos_clipped]
-        chosen = np.where(real, self.chosen[rows], 0.0).astype(np.float32).reshape(example_index.shape)
-        rejected = np.where(real, self.rejected[rows], 0.0).astype(np.float32).reshape(example_index.shape)
-        return {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
+        columns = {"ref_chosen_logps": self.chosen, "ref_rejected_logps": self.rejected}
+        if self.calibration is not None:
+            columns["ref_calibration_logps"] = self.calibration
+        return {
+            key: np.where(real, values[rows], 0.0).astype(np.float32).reshape(example_index.shape)
+            for key, values in columns.items()
+        }
 
     def save(self, path: str) -> None:
         tmp = f"{path}.tmp{os.getpid()}.npz"
-        np.savez(tmp, indices=self.indices, chosen=self.chosen, rejected=self.rejected)
+        extra = {} if self.calibration is None else {"calibration": self.calibration}
+        np.savez(tmp, indices=self.indices, chosen=self.chosen, rejected=self.rejected, **extra)
         os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str) -> ReferenceCache:
         with np.load(path) as f:
-            return cls(indices=f["indices"], chosen=f["chosen"], rejected=f["rejected"])
+            calibration = f["calibration"] if "calibration" in f.files else None
+            return cls(indices=f["indices"], chosen=f["chosen"], rejected=f["rejected"], calibration=calibration)
 
 
 def compute_cache(
     batches: Iterable[dict[str, np.ndarray]],
     reference_sums: Callable[[dict[str, np.ndarray]], jax.Array],
 ) -> ReferenceCache:
-    """Runs ``reference_sums`` (batch -> sums ``[2P]``, global) over ``batches`` (this process's
-    shard of each global batch) and collects the sums per ``example_index``."""
-    indices, chosen, rejected = [], [], []
+    """Runs ``reference_sums`` (batch -> sums ``[2P]``, or ``[3P]`` with calibration sequences,
+    global) over ``batches`` (this process's shard of each global batch) and collects the sums
+    per ``example_index``."""
+    indices, chosen, rejected, calibration = [], [], [], []
     for batch in batches:
         sums = _host_array(reference_sums(batch)).astype(np.float64)
         local = np.asarray(batch["example_index"])
@@ -171,10 +181,13 @@ def compute_cache(
         indices.append(index[real])
         chosen.append(sums[:p][real])
         rejected.append(sums[p : 2 * p][real])
+        if sums.shape[0] == 3 * p:
+            calibration.append(sums[2 * p : 3 * p][real])
     return ReferenceCache(
         indices=np.concatenate(indices).astype(np.int64),
         chosen=np.concatenate(chosen).astype(np.float32),
         rejected=np.concatenate(rejected).astype(np.float32),
+        calibration=np.concatenate(calibration).astype(np.float32) if calibration else None,
     )
 
 

@@ -28,6 +28,7 @@ from jaxalign.data.loader import Loader
 from jaxalign.data.pipeline import build_loaders_from_config, mask_for_loss
 from jaxalign.data.sources import resolve_source
 from jaxalign.tokenizers import load_tokenizer
+from jaxalign.train import calibration
 from jaxalign.train import reference as ref_cache
 from jaxalign.train.config import grad_accum_steps, validate
 from jaxalign.train.forward import init_reward_head
@@ -44,7 +45,7 @@ BATCH_AXES = ("data", "fsdp")
 # Keys of a batch the step reads (example_index stays on the host: it keys the reference cache).
 DEVICE_KEYS = (
     "input_ids", "positions", "segment_ids", "loss_mask", "sequence_ids", "pair_mask",
-    "ref_chosen_logps", "ref_rejected_logps",
+    "ref_chosen_logps", "ref_rejected_logps", "ref_calibration_logps",
 )
 
 
@@ -169,6 +170,54 @@ def _load_model(config: ml_collections.ConfigDict, path: str, mesh: Mesh) -> nnx
         raise RunError(f"loading {path}: {e}") from None
 
 
+def _with_examples(loader: Loader, examples: list, buckets: tuple[int, ...]) -> Loader:
+    """The same loader (order, shards, layout) over other examples with the same indices."""
+    return Loader(
+        EncodedDataset(examples, loader.report), batch_size=loader.batch_size, pad_id=loader.pad_id,
+        seed=loader.seed, shuffle=loader.shuffle, num_epochs=loader.num_epochs, mask=loader.mask, buckets=buckets,
+        packing=loader.packing, pack_length=loader.pack_length if loader.packing else None,
+        shard_index=loader.shard_index, shard_count=loader.shard_count,
+    )
+
+
+def _with_calibration_samples(
+    config: ml_collections.ConfigDict, workdir: str, loaders: dict[str, Loader | None], tokenizer: Any,
+    reference: tuple[nnx.GraphDef, Any], is_main: bool,
+) -> dict[str, Loader | None]:
+    """VPO ``reference_samples``: each example gets a sampled calibration sequence (cached)."""
+    model = nnx.merge(*reference)
+    encoder_eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else encoder_eos
+    cache_dir = config.reference.cache_dir or os.path.join(workdir, "reference_cache")
+    common = {
+        "params": ref_cache.params_digest(reference[1]),
+        "tokenizer": ref_cache.tokenizer_digest(tokenizer),
+        "max_new_tokens": config.loss.vpo_max_new_tokens,
+        "max_length": config.data.max_length,
+        "seed": config.seed,
+    }
+    out: dict[str, Loader | None] = {}
+    for split, loader in loaders.items():
+        if loader is None:
+            out[split] = None
+            continue
+        key = calibration.calibration_fingerprint(examples=loader.fingerprint, split=split, **common)
+
+        def sample(loader=loader, split=split) -> list[np.ndarray]:
+            return calibration.sample_calibration(
+                model, loader.examples, eos_id=encoder_eos, pad_id=pad_id,
+                max_new_tokens=config.loss.vpo_max_new_tokens, max_length=config.data.max_length,
+                seed=config.seed + (split == "eval"),
+            )
+
+        samples = calibration.load_or_sample(os.path.join(cache_dir, f"calibration-{key}.npz"), sample, write=is_main)
+        _barrier(f"calibration-{split}")
+        out[split] = _with_examples(
+            loader, calibration.attach_samples(loader.examples, samples), tuple(config.data.buckets)
+        )
+    return out
+
+
 def _cache_batches(loader: Loader, batch_size: int, buckets: tuple[int, ...]) -> Loader:
     """One unshuffled, padded pass over a loader's examples (for the reference cache)."""
     return Loader(
@@ -184,7 +233,9 @@ def _reference_caches(
 ) -> dict[str, ref_cache.ReferenceCache]:
     """Loads or computes the precomputed reference log-probs of the train and eval examples."""
     graphdef, params = reference
-    reference_fn = make_reference_fn(graphdef=graphdef, logits_chunk=config.model.logits_chunk)
+    reference_fn = make_reference_fn(
+        graphdef=graphdef, sequences_per_pair=run_pieces["sequences_per_pair"], logits_chunk=config.model.logits_chunk
+    )
     sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
     tokenizer = run_pieces["tokenizer"]
     cache_dir = config.reference.cache_dir or os.path.join(workdir, "reference_cache")
@@ -233,11 +284,6 @@ def _reference_caches(
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
     """Assembles a run from a validated config (see module docstring)."""
     validate(config)
-    if config.loss.name == "vpo" and config.loss.vpo_calibration == "reference_samples":
-        raise RunError(
-            "loss.vpo_calibration='reference_samples' is not available yet in the trainer; "
-            "use 'chosen' (calibration on the data's chosen responses)"
-        )
     parallel.initialize_distributed(config.distributed)
     is_main = jax.process_index() == 0
     workdir = os.path.abspath(workdir)
@@ -260,16 +306,26 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
         params["head"] = init_reward_head(model.config.hidden_size, resolved.seed)
 
     reference_params, reference_graphdef, caches = None, graphdef, {}
-    if objective.uses_reference:
+    train_loader, eval_loader = loaders.train, loaders.eval
+    if objective.uses_reference or objective.sequences_per_pair == 3:
         if resolved.reference.path and os.path.abspath(resolved.reference.path) != os.path.abspath(resolved.model.path):
             reference_graphdef, reference_params = nnx.split(_load_model(resolved, resolved.reference.path, mesh), nnx.Param)
         else:
             reference_params = jax.tree.map(jnp.copy, model_params)
+        if objective.sequences_per_pair == 3:
+            sampled = _with_calibration_samples(
+                resolved, workdir, {"train": train_loader, "eval": eval_loader}, tokenizer,
+                (reference_graphdef, reference_params), is_main,
+            )
+            train_loader, eval_loader = sampled["train"], sampled["eval"]
         if resolved.reference.mode == "precomputed":
             caches = _reference_caches(
-                resolved, workdir, {"tokenizer": tokenizer, "train": loaders.train, "eval": loaders.eval},
+                resolved, workdir,
+                {"tokenizer": tokenizer, "train": train_loader, "eval": eval_loader,
+                 "sequences_per_pair": objective.sequences_per_pair},
                 (reference_graphdef, reference_params), mesh, is_main,
             )
+        if resolved.reference.mode != "frozen":
             reference_params = None
 
     optimizer, schedule = make_optimizer(resolved.optimizer, total_steps)
@@ -286,9 +342,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
     )
     eval_step = make_eval_step(**common)
     return Run(
-        config=resolved, workdir=workdir, mesh=mesh, tokenizer=tokenizer, train_loader=loaders.train,
-        eval_loader=loaders.eval, data_summary=loaders.report.summary(), graphdef=graphdef, state=state,
+        config=resolved, workdir=workdir, mesh=mesh, tokenizer=tokenizer, train_loader=train_loader,
+        eval_loader=eval_loader, data_summary=loaders.report.summary(), graphdef=graphdef, state=state,
         reference_params=reference_params, objective=objective, optimizer=optimizer, train_step=train_step,
         eval_step=eval_step, total_steps=total_steps, accum=accum, reference_caches=caches, is_main=is_main,
-        eval_start=loaders.eval.get_state() if loaders.eval is not None else None,
+        eval_start=eval_loader.get_state() if eval_loader is not None else None,
     )

@@ -156,7 +156,9 @@ def make_train_step(
             grads = jax.tree.map(lambda acc, x: acc + share * x.astype(jnp.float32), grads, g)
             return grads, (loss, metrics, share)
 
-        grads, (losses_, metrics_, shares) = jax.lax.scan(body, zeros, batch)
+        # One micro-batch: unrolled, no loop (cheaper to compile and run).
+        unroll = batch["pair_mask"].shape[0] == 1
+        grads, (losses_, metrics_, shares) = jax.lax.scan(body, zeros, batch, unroll=unroll)
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
         loss = _combine(losses_, shares)
         metrics = {k: _combine(v, shares) for k, v in metrics_.items()}

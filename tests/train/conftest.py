@@ -9,13 +9,35 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
 
 from jaxalign.train.config import base_config
 from jaxalign.train.synthetic import synthetic_records
 from jaxalign.train.tiny import ensure_tiny_model
 
 NUM_RECORDS = 48
+_CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+
+
+@pytest.fixture(scope="session")
+def _compile_cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("jax-compilation-cache"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def persistent_compilation_cache(_compile_cache_dir):
+    """Reuses compiled programs across the many ``train()`` calls of these tests (each builds a new
+    jitted step, so JAX's in-memory cache misses; the on-disk cache hits). Restored afterwards."""
+    old = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
+    jax.config.update("jax_compilation_cache_dir", _compile_cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    compilation_cache.reset_cache()
+    yield
+    for name, value in old.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
 
 
 def tiny_spec():
@@ -24,7 +46,7 @@ def tiny_spec():
     spec.intermediate_size = 64
     spec.num_heads = 4
     spec.num_kv_heads = 2
-    spec.num_layers = 2
+    spec.num_layers = 1
     return spec
 
 
@@ -50,6 +72,15 @@ def data_file(tmp_path_factory, records):
 def tiny_model_dir(tmp_path_factory, records):
     path = tmp_path_factory.mktemp("models") / "tiny"
     ensure_tiny_model(path, tiny_spec(), max_position=128, seed=0, corpus=corpus(records))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def reference_model_dir(tmp_path_factory, records):
+    """A second tiny model (same tokenizer and shapes, other weights): a reference that differs
+    from the policy, so that rewards and margins are not all 0."""
+    path = tmp_path_factory.mktemp("models") / "reference"
+    ensure_tiny_model(path, tiny_spec(), max_position=128, seed=5, corpus=corpus(records))
     return str(path)
 
 

@@ -13,22 +13,8 @@ from jaxalign.train.loop import train
 from jaxalign.train.metrics import read_metrics
 from jaxalign.train.reference import ReferenceCache
 from jaxalign.train.run import prepare
-from jaxalign.train.tiny import ensure_tiny_model
 
 TIMING_KEYS = ("steps_per_second", "tokens_per_second")
-
-
-@pytest.fixture(scope="module")
-def reference_dir(tmp_path_factory, records):
-    """A second tiny model (other seed, same tokenizer) as the reference, so rewards are non-zero."""
-    from jaxalign.train.config import base_config
-
-    spec = base_config().model.tiny
-    spec.hidden_size, spec.intermediate_size, spec.num_heads, spec.num_kv_heads, spec.num_layers = 32, 64, 4, 2, 2
-    path = tmp_path_factory.mktemp("reference") / "ref"
-    corpus = [r["prompt"] + r[side] for r in records for side in ("chosen", "rejected")]
-    ensure_tiny_model(path, spec, max_position=128, seed=5, corpus=corpus)
-    return str(path)
 
 
 def _entries(workdir) -> dict[int, dict]:
@@ -38,9 +24,9 @@ def _entries(workdir) -> dict[int, dict]:
     return out
 
 
-def test_precomputed_reference_equals_frozen_reference(make_config, reference_dir, tmp_path):
+def test_precomputed_reference_equals_frozen_reference(make_config, reference_model_dir, tmp_path):
     overrides = {
-        "steps": 3, "eval_every": 3, "data.micro_batch_size": 2, "reference.path": reference_dir,
+        "steps": 3, "eval_every": 3, "data.micro_batch_size": 2, "reference.path": reference_model_dir,
         "checkpoint.export": True, "optimizer.learning_rate": 1e-2,
     }
     frozen = train(make_config(**overrides, **{"reference.mode": "frozen"}), tmp_path / "frozen")
@@ -59,9 +45,9 @@ def test_precomputed_reference_equals_frozen_reference(make_config, reference_di
     assert max(float(np.max(np.abs(pa[k] - pb[k]))) for k in pa) <= 1e-5
 
 
-def test_cache_is_recomputed_when_an_input_changes(make_config, reference_dir, tiny_model_dir, tmp_path):
+def test_cache_is_recomputed_when_an_input_changes(make_config, reference_model_dir, tiny_model_dir, tmp_path):
     cache_dir = str(tmp_path / "cache")
-    base = {"reference.mode": "precomputed", "reference.path": reference_dir, "reference.cache_dir": cache_dir,
+    base = {"reference.mode": "precomputed", "reference.path": reference_model_dir, "reference.cache_dir": cache_dir,
             "data.eval_pairs": 0}
 
     def cache_files():
@@ -101,3 +87,26 @@ def test_cache_is_recomputed_when_an_input_changes(make_config, reference_dir, t
     with pytest.raises(KeyError, match="example_index"):
         cache.lookup(np.array([10_000]))
     assert isinstance(ReferenceCache.load(os.path.join(cache_dir, sorted(files)[0])), ReferenceCache)
+
+
+def test_vpo_reference_samples_frozen_equals_precomputed(make_config, reference_model_dir, tmp_path):
+    cache_dir = str(tmp_path / "cache")
+    overrides = {
+        "steps": 2, "eval_every": 2, "loss.name": "vpo", "loss.vpo_calibration": "reference_samples",
+        "loss.vpo_alpha": 1.0, "loss.vpo_max_new_tokens": 8, "reference.path": reference_model_dir,
+        "reference.cache_dir": cache_dir, "optimizer.learning_rate": 1e-2,
+    }
+    frozen = train(make_config(**overrides, **{"reference.mode": "frozen"}), tmp_path / "frozen")
+    samples = sorted(f for f in os.listdir(cache_dir) if f.startswith("calibration-"))
+    assert len(samples) == 2  # train and held-out prompts, one sample each
+    pre = train(make_config(**overrides, **{"reference.mode": "precomputed"}), tmp_path / "pre")
+    assert sorted(f for f in os.listdir(cache_dir) if f.startswith("calibration-")) == samples  # reused
+    with np.load(os.path.join(cache_dir, samples[0])) as f:
+        lengths = np.diff(f["offsets"])
+    assert lengths.min() >= 1 and lengths.max() <= 8
+    a, b = _entries(tmp_path / "frozen"), _entries(tmp_path / "pre")
+    assert abs(a[1]["vpo/regularizer"]) > 0  # the calibration term is live
+    for step in a:
+        for key, value in a[step].items():
+            assert b[step][key] == pytest.approx(value, abs=2e-5), (step, key)
+    assert frozen.step == pre.step == 2

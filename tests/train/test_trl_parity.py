@@ -17,7 +17,6 @@ from safetensors.numpy import load_file
 
 from jaxalign.train.loop import train
 from jaxalign.train.metrics import read_metrics
-from jaxalign.train.tiny import ensure_tiny_model
 
 torch = pytest.importorskip("torch", reason="parity with TRL needs the 'parity' extra (torch)")
 trl = pytest.importorskip("trl", reason="parity with TRL needs the 'parity' extra (trl)")
@@ -26,18 +25,6 @@ datasets = pytest.importorskip("datasets", reason="TRL's DPOTrainer needs the 'd
 LR, BETA, PAIRS = 0.5, 0.1, 8
 COMPARED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
             "logps/chosen", "logps/rejected", "grad_norm")
-
-
-@pytest.fixture(scope="module")
-def reference_model(tmp_path_factory, records):
-    from jaxalign.train.config import base_config
-
-    spec = base_config().model.tiny
-    spec.hidden_size, spec.intermediate_size, spec.num_heads, spec.num_kv_heads, spec.num_layers = 32, 64, 4, 2, 2
-    path = tmp_path_factory.mktemp("parity") / "ref"
-    corpus = [r["prompt"] + r[side] for r in records for side in ("chosen", "rejected")]
-    ensure_tiny_model(path, spec, max_position=128, seed=11, corpus=corpus)
-    return str(path)
 
 
 def trl_step(policy_dir: str, reference_dir: str, rows: list[dict], out_dir: str):
@@ -65,19 +52,19 @@ def trl_step(policy_dir: str, reference_dir: str, rows: list[dict], out_dir: str
 
 
 @pytest.mark.parity
-def test_one_dpo_step_matches_trl(make_config, records, tiny_model_dir, reference_model, tmp_path):
+def test_one_dpo_step_matches_trl(make_config, records, tiny_model_dir, reference_model_dir, tmp_path):
     rows = records[:PAIRS]
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     config = make_config(**{
         "steps": 1, "data.train": str(data), "data.eval_pairs": 0, "data.batch_size": PAIRS,
         "data.shuffle": False, "loss.name": "dpo", "loss.beta": BETA, "reference.mode": "frozen",
-        "reference.path": reference_model, "optimizer.name": "sgd", "optimizer.learning_rate": LR,
+        "reference.path": reference_model_dir, "optimizer.name": "sgd", "optimizer.learning_rate": LR,
         "optimizer.schedule": "constant", "optimizer.max_grad_norm": 0.0, "checkpoint.export": True,
     })
     ours = train(config, tmp_path / "ours")
     mine = next(e for e in read_metrics(tmp_path / "ours") if "loss" in e)
-    theirs, torch_params = trl_step(tiny_model_dir, reference_model, rows, str(tmp_path / "trl"))
+    theirs, torch_params = trl_step(tiny_model_dir, reference_model_dir, rows, str(tmp_path / "trl"))
 
     assert abs(theirs["rewards/margins"]) > 1e-3  # the reference differs from the policy
     for key in COMPARED:

@@ -1,0 +1,117 @@
+"""VPO calibration samples drawn from the reference model, cached on disk.
+
+With ``loss.vpo_calibration = "reference_samples"`` VPO's value regulariser is evaluated on
+``y_cal ~ pi_ref(. | x)``: one response per training (and held-out) prompt, sampled once before
+training from the reference model (temperature 1, at most ``loss.vpo_max_new_tokens`` tokens,
+stopping at EOS) with ``jaxalign.sampling.generate``. Each example then carries a third
+sequence, prompt + sample (``CalibratedPair``); the data pipeline batches it like the other
+two, so its sequence id is ``2P + p`` and the step sums its log-probs like any completion.
+
+Samples are stored in ``CACHE_DIR/calibration-<fingerprint>.npz``, keyed by the reference
+weights, the tokenizer, the tokenized examples, the sampling settings and the seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxalign.data.encoding import EncodedPair, EncodedSequence
+from jaxalign.sampling import generate
+
+__all__ = ["CalibratedPair", "attach_samples", "calibration_fingerprint", "load_or_sample", "sample_calibration"]
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibratedPair:
+    """A preference pair plus one calibration sequence (the chosen side's prompt + a sample)."""
+
+    chosen: EncodedSequence
+    rejected: EncodedSequence
+    calibration: EncodedSequence
+    index: int
+
+    @property
+    def sequences(self) -> tuple[EncodedSequence, EncodedSequence, EncodedSequence]:
+        return (self.chosen, self.rejected, self.calibration)
+
+
+def _prompt(pair: EncodedPair) -> np.ndarray:
+    return pair.chosen.ids[: pair.chosen.prompt_len]
+
+
+def sample_calibration(
+    model: Any,
+    pairs: Sequence[EncodedPair],
+    *,
+    eos_id: int,
+    pad_id: int,
+    max_new_tokens: int,
+    max_length: int,
+    seed: int,
+    batch_size: int = 16,
+) -> list[np.ndarray]:
+    """One sampled completion (int32 ids, EOS included when emitted) per pair's chosen prompt.
+
+    Prompts are left-padded in batches of ``batch_size``; pair ``i`` of the list uses the key
+    ``fold_in(PRNGKey(seed), batch)``. A completion is cut so that prompt + completion fits
+    ``max_length``.
+    """
+    samples: list[np.ndarray] = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = list(pairs[start : start + batch_size])
+        prompts = [_prompt(p) for p in chunk] + [_prompt(chunk[0])] * (batch_size - len(chunk))
+        width = max(len(p) for p in prompts)
+        ids = np.full((batch_size, width), pad_id, np.int32)
+        mask = np.zeros((batch_size, width), np.int32)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt) :] = prompt
+            mask[row, width - len(prompt) :] = 1
+        rng = jax.random.fold_in(jax.random.PRNGKey(seed), start // batch_size)
+        out = generate(
+            model, ids, mask, max_new_tokens=max_new_tokens, temperature=1.0, eos_ids=(eos_id,), rng=rng, pad_id=pad_id
+        )
+        tokens, valid = np.asarray(jax.device_get(out.tokens)), np.asarray(jax.device_get(out.mask))
+        for row, pair in enumerate(chunk):
+            sample = tokens[row][valid[row] == 1]
+            samples.append(sample[: max(max_length - len(_prompt(pair)), 1)].astype(np.int32))
+    return samples
+
+
+def attach_samples(pairs: Sequence[EncodedPair], samples: Sequence[np.ndarray]) -> list[CalibratedPair]:
+    """``CalibratedPair``s: each pair with the sequence chosen-prompt + its sample."""
+    out = []
+    for pair, sample in zip(pairs, samples, strict=True):
+        prompt = _prompt(pair)
+        calibration = EncodedSequence(
+            ids=np.concatenate([prompt, sample]).astype(np.int32), prompt_len=len(prompt), has_bos=pair.chosen.has_bos
+        )
+        out.append(CalibratedPair(pair.chosen, pair.rejected, calibration, pair.index))
+    return out
+
+
+def calibration_fingerprint(**parts: Any) -> str:
+    """Cache key of the samples from named digests and settings."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def load_or_sample(path: str, sample: Any, *, write: bool) -> list[np.ndarray]:
+    """The samples stored at ``path``, or ``sample()`` saved there (``write`` on process 0)."""
+    if os.path.exists(path):
+        with np.load(path) as f:
+            return np.split(f["tokens"], f["offsets"][1:-1])
+    samples = sample()
+    if write:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        offsets = np.cumsum([0] + [len(s) for s in samples])
+        tmp = f"{path}.tmp{os.getpid()}.npz"
+        np.savez(tmp, tokens=np.concatenate(samples).astype(np.int32), offsets=offsets)
+        os.replace(tmp, path)
+    return samples
