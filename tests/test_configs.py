@@ -41,7 +41,7 @@ def tiny_overrides(model: str) -> list[str]:
         "--config.data.max_prompt_length=32", "--config.data.buckets=(64,)", "--config.eval.batch_size=8",
         "--config.steps=2", "--config.log_every=1", "--config.eval_every=2", "--config.checkpoint_every=0",
         "--config.progress_bar=False", "--config.mesh.data=1", "--config.mesh.fsdp=1", "--config.mesh.tensor=1",
-        "--config.checkpoint.export=False", "--config.checkpoint.async_save=False",
+        "--config.checkpoint.export=True", "--config.checkpoint.async_save=False",
     ]
 
 
@@ -65,4 +65,6 @@ def test_recipe_trains_a_few_steps(recipe, tiny_model, tmp_path, capsys):
     if config.loss.name != "sft":
         assert 0.0 <= evals[-1]["eval/rewards/accuracies"] <= 1.0
     assert os.path.isdir(workdir / "checkpoints" / "2")
+    assert (workdir / "export" / "config.json").is_file() and (workdir / "export" / "tokenizer.json").is_file()
+    assert (workdir / "export" / "reward_head.safetensors").is_file() == (config.loss.name == "bradley_terry")
     assert "run directory" in capsys.readouterr().out

@@ -207,13 +207,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
                 train_metrics.update(progress.rates(step))
                 window = []
                 log.write(step, train_metrics)
-                progress.show({"loss": train_metrics["loss"], **{k: v for k, v in eval_metrics.items() if k in _SHOWN}})
+                progress.show({
+                    "loss": train_metrics["loss"], "tokens/s": train_metrics["tokens_per_second"],
+                    **{k: v for k, v in eval_metrics.items() if k in _SHOWN},
+                })
             checkpoint_due = step == end or (c.checkpoint_every and step % c.checkpoint_every == 0)
             eval_due = last or (c.eval_every and step % c.eval_every == 0)
             if run.eval_loader is not None and (eval_due or (checkpoint_due and c.checkpoint.keep_best)):
                 eval_metrics = evaluate(run, state.params)
                 log.write(step, eval_metrics)
-                progress.show({"loss": train_metrics.get("loss", float("nan")), **{k: v for k, v in eval_metrics.items() if k in _SHOWN}})
+                progress.show({
+                    "loss": train_metrics.get("loss", float("nan")),
+                    "tokens/s": train_metrics.get("tokens_per_second", float("nan")),
+                    **{k: v for k, v in eval_metrics.items() if k in _SHOWN},
+                })
             if checkpoint_due:
                 meta = {"loader": run.train_loader.get_state(), "step": step}
                 checkpoints.save(step, state, meta, eval_metrics if eval_due or c.checkpoint.keep_best else None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import runpy
 import sys
 
@@ -13,9 +14,10 @@ from safetensors.numpy import load_file
 
 from jaxalign.models import from_pretrained
 from jaxalign.train.checkpoint import RunCheckpoints
-from jaxalign.train.cli import main
+from jaxalign.train.cli import default_workdir, main
 from jaxalign.train.loop import RunError, train
 from jaxalign.train.metrics import read_metrics
+from jaxalign.train.run import prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMING_KEYS = ("steps_per_second", "tokens_per_second")
@@ -133,3 +135,16 @@ def test_cli_rejects_unknown_and_mistyped_keys(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "'data.train' is empty" in err and "'model.path' is empty" in err
     assert not (tmp_path / "w").exists()
+
+
+def test_epochs_set_the_number_of_steps(make_config, tmp_path):
+    config = make_config(**{"steps": 0, "epochs": 1.5, "data.batch_size": 8, "data.micro_batch_size": 4})
+    run = prepare(config, str(tmp_path / "w"))
+    # 48 records, 8 held out: 40 training pairs = 10 micro-batches of 4 = 5 steps of 8 per epoch
+    assert len(run.train_loader.examples) == 40 and len(run.eval_loader.examples) == 8
+    assert run.accum == 2 and run.total_steps == math.ceil(1.5 * 5)
+
+
+def test_default_workdir_is_a_new_directory_under_runs():
+    first = default_workdir("configs/dpo.py:arg")
+    assert re.fullmatch(r"runs/dpo-\d{8}-\d{6}", first)
