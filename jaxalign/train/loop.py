@@ -177,12 +177,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     state = run.state
     if latest is not None:
         state, meta = checkpoints.restore(latest, state)
-        run.train_loader.set_state(meta["loader"])
+        try:
+            run.train_loader.set_state(meta["loader"])
+        except ValueError as e:
+            raise RunError(f"cannot resume {workdir} at step {latest}: {e}") from None
     step = int(jax.device_get(state.step))
     c = run.config
     if run.is_main:
         print(f"data (train):\n{run.data_summary}", flush=True)
-    log = MetricsLog(workdir, enabled=run.is_main, resume_step=step if latest is not None else None)
+    # A fresh start drops metrics a crashed earlier attempt (no checkpoint yet) may have left.
+    log = MetricsLog(workdir, enabled=run.is_main, resume_step=step if latest is not None else -1)
     progress = Progress(run.total_steps, step, enabled=run.is_main and c.progress_bar)
 
     eval_metrics: dict[str, float] = {}

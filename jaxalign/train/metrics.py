@@ -4,7 +4,8 @@
 evaluation entries carry ``eval/``-prefixed keys (``eval/loss``, ``eval/rewards/accuracies``,
 ...). TensorBoard scalars go to ``WORKDIR/tensorboard``. Only process 0 writes (``enabled``).
 On resume from step ``k`` the entries with ``step > k`` (written after that checkpoint by the
-interrupted run) are dropped so that the file reads like one uninterrupted run.
+interrupted run) are dropped so that the file reads like one uninterrupted run (``k = -1``:
+a fresh start, every old entry is dropped).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class MetricsLog:
 
         self._tb = SummaryWriter(
             os.path.join(os.fspath(workdir), "tensorboard"),
-            purge_step=None if resume_step is None else resume_step + 1,
+            purge_step=None if resume_step is None else max(resume_step + 1, 0),
         )
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
