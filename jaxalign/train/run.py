@@ -331,7 +331,11 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
     optimizer, schedule = make_optimizer(resolved.optimizer, total_steps)
     abstract = jax.eval_shape(lambda p: init_state(p, optimizer, resolved.seed), params)
     state_shardings = parallel.param_shardings(abstract, mesh)
-    state = jax.jit(lambda p: init_state(p, optimizer, resolved.seed), out_shardings=state_shardings)(params)
+    # The loaded parameters are donated to the state (no second copy of the model in memory).
+    state = jax.jit(
+        lambda p: init_state(p, optimizer, resolved.seed), out_shardings=state_shardings, donate_argnums=0
+    )(params)
+    del model, model_params, params
     common = dict(
         graphdef=graphdef, objective=objective, reference_mode=resolved.reference.mode,
         reference_graphdef=reference_graphdef, logits_chunk=resolved.model.logits_chunk,
