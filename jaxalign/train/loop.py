@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jaxalign import models
+from jaxalign import models, parallel
 from jaxalign.train.checkpoint import RunCheckpoints
 from jaxalign.train.config import config_diff, flatten
 from jaxalign.train.metrics import MetricsLog, Progress, mean_metrics
@@ -40,10 +40,12 @@ from jaxalign.train.step import stack_micro_batches
 
 __all__ = ["RESUMABLE_KEYS", "RunError", "RunResult", "evaluate", "train"]
 
-# Config keys that may change when a run is resumed.
+# Config keys that may change when a run is resumed: the length of the run, logging cadence,
+# and where it runs (mesh, multi-host start-up; the checkpoint is restored onto the new mesh).
 RESUMABLE_KEYS = (
     "steps", "epochs", "log_every", "eval_every", "checkpoint_every", "progress_bar",
-    "checkpoint.async_save", "checkpoint.export",
+    "checkpoint.async_save", "checkpoint.export", "mesh.data", "mesh.fsdp", "mesh.tensor",
+    *(f"distributed.{key}" for key in parallel.distributed_config()),
 )
 CONFIG_FILE = "config.json"
 
