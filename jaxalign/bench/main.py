@@ -27,17 +27,25 @@ from jaxalign.bench.session import Worker, interleave
 from jaxalign.bench.trl_side import TRLVariant, serve_trl, trl_unavailable_reason
 from jaxalign.bench.workload import FIXTURE, ModelSpec, build_workload
 
-__all__ = ["OURS_VARIANTS", "TRL_VARIANTS", "main", "parse_args", "run_bench"]
+__all__ = ["GROUPS", "OURS_VARIANTS", "TRL_VARIANTS", "main", "parse_args", "run_bench"]
 
-OURS_VARIANTS: dict[str, OursVariant] = {v.name: v for v in ablation_ladder()}
 HEADLINE = "jaxalign/+reference-cache"
+PROPOSAL = "jaxalign/proposal-scored-lm-head"
+OURS_VARIANTS: dict[str, OursVariant] = {v.name: v for v in ablation_ladder()}
+OURS_VARIANTS[PROPOSAL] = dataclasses.replace(OURS_VARIANTS[HEADLINE], name=PROPOSAL, scored_lm_head=True)
 TRL_VARIANTS: dict[str, TRLVariant] = {v.name: v for v in (
     TRLVariant("trl/default"),
     TRLVariant("trl/float32", bf16=False),
     TRLVariant("trl/float32-no-checkpointing", bf16=False, gradient_checkpointing=False),
     TRLVariant("trl/default-precompute-ref", precompute_ref_log_probs=True),
 )}
-DEFAULT_VARIANTS = (*OURS_VARIANTS, "trl/default", "trl/float32")
+# Names --variants accepts for several variants at once.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "ladder": tuple(v.name for v in ablation_ladder()),
+    "proposals": (PROPOSAL,),
+    "trl": ("trl/default", "trl/float32"),
+    "headline": ("jaxalign/+packing", HEADLINE, PROPOSAL, "trl/default", "trl/float32"),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,8 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8, help="pairs per step")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--data", default=str(FIXTURE), help="HH-RLHF (or standard-format) pairs; default: the fixture")
-    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                   help=f"comma-separated, from: {', '.join([*OURS_VARIANTS, *TRL_VARIANTS])}")
+    p.add_argument("--variants", default="ladder,proposals,trl",
+                   help=f"comma-separated variants or groups; variants: {', '.join([*OURS_VARIANTS, *TRL_VARIANTS])}; "
+                        f"groups: " + "; ".join(f"{g} = {', '.join(v)}" for g, v in GROUPS.items()))
     p.add_argument("--no-trl", action="store_true", help="leave out every trl/* variant")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (one window per variant each)")
     p.add_argument("--steps", type=int, default=4, help="steps per window")
@@ -66,10 +75,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--markdown", help="write the tables here")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds a worker may take to answer")
     args = p.parse_args(argv)
-    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    names: list[str] = []
+    for item in (n.strip() for n in args.variants.split(",") if n.strip()):
+        names += [n for n in GROUPS.get(item, (item,)) if n not in names]
     unknown = [n for n in names if n not in OURS_VARIANTS and n not in TRL_VARIANTS]
     if unknown:
-        p.error(f"--variants: unknown {', '.join(unknown)}; known: {', '.join([*OURS_VARIANTS, *TRL_VARIANTS])}")
+        known = ", ".join([*OURS_VARIANTS, *TRL_VARIANTS, *GROUPS])
+        p.error(f"--variants: unknown {', '.join(unknown)}; known: {known}")
     if args.no_trl:
         names = [n for n in names if n not in TRL_VARIANTS]
     if not names:
@@ -108,7 +120,7 @@ def _reference_cache(variants: dict[str, Any]) -> dict[str, float] | None:
     e_frozen, e_cached = pairs / frozen["pairs_per_s"], pairs / cached["pairs_per_s"]
     cache_pass = cached["setup"]["reference_pass_s"]
     return {"epoch_s_frozen": e_frozen, "epoch_s_precomputed": e_cached, "speedup": e_frozen / e_cached,
-            "cache_pass_s": cache_pass, "cache_first_pass_s": cached["setup"]["reference_pass_first_s"],
+            "cache_pass_s": cache_pass, "cache_compile_s": cached["setup"]["reference_compile_s"],
             "speedup_incl_cache_pass": e_frozen / (e_cached + cache_pass), "pairs_per_epoch": pairs}
 
 
@@ -177,6 +189,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     headline = HEADLINE if HEADLINE in names else (ours_present[-1] if ours_present else None)
     result = summarize(
         raw, kinds=kinds, on_the_fly=on_the_fly, flop_params=counts.flop_params, peak_flops_per_s=peak,
+        unembedding_params=counts.unembedding,
         ladder=list(OURS_VARIANTS), headline=headline,
         trl_default="trl/default" if "trl/default" in names else None,
         trl_float32="trl/float32" if "trl/float32" in names else None,

@@ -7,6 +7,10 @@ Per variant (windows ``w``): ``pairs_per_s = sum(pairs_w) / sum(seconds_w)`` and
 measured float32 matmul peak of JAX on this CPU (the vendor's peak on an accelerator).
 ``padding_efficiency = real tokens / row slots`` (what share of the computed positions is
 real). The spread over windows is reported as min / median / max pairs/s.
+
+``mfu_scored_lm_head`` is a stricter count for DPO: the unembedding (``D * V`` of ``N``) is
+charged only for the tokens the loss scores (completion tokens), since only their log-probs
+are needed: ``(6 + 2 * on_the_fly) * ((N - D V) * tokens + D V * scored_tokens)``.
 """
 
 from __future__ import annotations
@@ -23,14 +27,18 @@ HEADLINE_KEYS = ("tokens_per_s", "pairs_per_s", "mfu", "model_flops_per_s", "pea
                  "ratio_vs_trl", "ratio_vs_trl_float32", "headline_variant", "trl_variant")
 
 
-def _variant_numbers(raw: dict[str, Any], *, flop_params: int, on_the_fly: bool, peak: float) -> dict[str, Any]:
+def _variant_numbers(raw: dict[str, Any], *, flop_params: int, unembedding_params: int, on_the_fly: bool,
+                     peak: float) -> dict[str, Any]:
     windows = raw["windows"]
     seconds = sum(w["seconds"] for w in windows)
     pairs = sum(w["pairs"] for w in windows)
     tokens = sum(w["tokens"] for w in windows)
     slots = sum(w["row_slots"] for w in windows)
     rates = [w["pairs"] / w["seconds"] for w in windows]
+    scored = sum(w["completion_tokens"] for w in windows)
     flops = train_flops_per_token(flop_params, reference_on_the_fly=on_the_fly) * tokens / seconds
+    per_param = train_flops_per_token(1, reference_on_the_fly=on_the_fly)
+    strict = per_param * ((flop_params - unembedding_params) * tokens + unembedding_params * scored) / seconds
     setup, finish = raw["setup"], raw.get("finish", {})
     return {
         "pairs_per_s": pairs / seconds,
@@ -38,6 +46,8 @@ def _variant_numbers(raw: dict[str, Any], *, flop_params: int, on_the_fly: bool,
         "seconds_per_step": seconds / sum(w["steps"] for w in windows),
         "model_flops_per_s": flops,
         "mfu": flops / peak,
+        "mfu_scored_lm_head": strict / peak,
+        "scored_token_share": scored / tokens if tokens else None,
         "padding_efficiency": tokens / slots if slots else None,
         "tokens_per_pair": tokens / pairs if pairs else None,
         "pairs_per_s_min_median_max": [min(rates), statistics.median(rates), max(rates)],
@@ -60,15 +70,18 @@ def summarize(
     on_the_fly: dict[str, bool],
     flop_params: int,
     peak_flops_per_s: float,
+    unembedding_params: int = 0,
     ladder: list[str],
     headline: str | None,
     trl_default: str | None,
     trl_float32: str | None,
 ) -> dict[str, Any]:
     """The result dict: per-variant numbers, the headline, ratios vs TRL and the ablation factors."""
-    variants = {name: {"kind": kinds[name], **_variant_numbers(r, flop_params=flop_params,
-                                                                on_the_fly=on_the_fly[name], peak=peak_flops_per_s)}
-                for name, r in raw.items()}
+    variants = {
+        name: {"kind": kinds[name], **_variant_numbers(r, flop_params=flop_params, unembedding_params=unembedding_params,
+                                                       on_the_fly=on_the_fly[name], peak=peak_flops_per_s)}
+        for name, r in raw.items()
+    }
     out: dict[str, Any] = {"variants": variants}
     if headline is not None:
         h = variants[headline]
@@ -107,8 +120,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"({result['peak_source']}); load average during windows {result['load']['windows_mean']:.2f} "
         f"(max {result['load']['windows_max']:.2f})",
         "",
-        "| variant | pairs/s (min-max) | tokens/s | s/step | MFU | padding eff. | peak RSS | compile s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | pairs/s (min-max) | tokens/s | s/step | MFU | MFU (scored head) | padding eff. | peak RSS "
+        "| compile s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, v in result["variants"].items():
         lo, _, hi = v["pairs_per_s_min_median_max"]
@@ -116,7 +130,8 @@ def markdown(result: dict[str, Any]) -> str:
         compile_s = v["compile_s"]
         lines.append(
             f"| {name} | {v['pairs_per_s']:.2f} ({lo:.2f}-{hi:.2f}) | {v['tokens_per_s']:.0f} | "
-            f"{v['seconds_per_step']:.2f} | {100 * v['mfu']:.1f}% | {'-' if eff is None else f'{100 * eff:.0f}%'} | "
+            f"{v['seconds_per_step']:.2f} | {100 * v['mfu']:.1f}% | {100 * v['mfu_scored_lm_head']:.1f}% | "
+            f"{'-' if eff is None else f'{100 * eff:.0f}%'} | "
             f"{_fmt_bytes(v['peak_rss_bytes'])} | {'-' if compile_s is None else f'{compile_s:.1f}'} |"
         )
     if result.get("ratios_pairs_per_s"):

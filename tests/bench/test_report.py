@@ -16,7 +16,7 @@ def test_summary_numbers():
     raw = {"a": _raw([4, 4], [2.0, 2.0]), "b": _raw([8, 4], [1.0, 3.0]), "t": _raw([2, 2], [4.0, 4.0])}
     out = summarize(raw, kinds={"a": "jaxalign", "b": "jaxalign", "t": "trl"},
                     on_the_fly={"a": True, "b": False, "t": True}, flop_params=1000, peak_flops_per_s=1e7,
-                    ladder=["a", "b"], headline="b", trl_default="t", trl_float32=None)
+                    unembedding_params=400, ladder=["a", "b"], headline="b", trl_default="t", trl_float32=None)
     a, b, t = (out["variants"][k] for k in "abt")
     assert a["pairs_per_s"] == 2.0 and t["pairs_per_s"] == 0.5
     assert b["pairs_per_s"] == 12 / 4.0  # totals over windows, not a mean of per-window rates
@@ -24,6 +24,9 @@ def test_summary_numbers():
     assert a["tokens_per_s"] == 200.0 and a["padding_efficiency"] == 0.5
     assert a["model_flops_per_s"] == 8 * 1000 * 200.0 and a["mfu"] == pytest.approx(0.16)
     assert b["model_flops_per_s"] == 6 * 1000 * 300.0  # the cache removes the 2N reference forward
+    # Stricter count: the 400 unembedding parameters only for the 10 scored tokens of each pair.
+    assert a["scored_token_share"] == pytest.approx(0.1)
+    assert a["mfu_scored_lm_head"] * 1e7 == pytest.approx(8 * (600 * 200.0 + 400 * 20.0))
     assert out["pairs_per_s"] == 3.0 and out["mfu"] == b["mfu"] and out["compile_s"] == 1.0
     assert out["ratio_vs_trl"] == 6.0 and out["trl_variant"] == "t"
     assert out["ratios_pairs_per_s"] == {"a / t": 4.0, "b / t": 6.0}
@@ -54,4 +57,4 @@ def test_markdown_lists_every_variant():
                flops={"flop_params": 1000}, settings={"batch": 2}, peak_flops_per_s=1e7, peak_source="test",
                load={"windows_mean": 0.5, "windows_max": 0.5})
     text = markdown(out)
-    assert "| a | 2.00 (2.00-2.00) | 200 |" in text and "| t | 0.50" in text and "| a / t | 4.00x |" in text
+    assert "| a | 2.00 (2.00-2.00) | 200 | 1.00 | 16.0% |" in text and "| t | 0.50" in text and "| a / t | 4.00x |" in text
