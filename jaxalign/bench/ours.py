@@ -36,6 +36,7 @@ class OursVariant:
     chunked_logps: bool = True  # log-probs from hidden states in chunks (else one [R, L, V] chunk)
     dtype: str = "float32"  # compute dtype
     remat: str = "none"  # per-layer rematerialisation policy
+    block_attention: bool = False  # proposal: block-causal attention (jaxalign.bench.proposals)
     scored_lm_head: bool = False  # proposal: unembedding only at scored positions (jaxalign.bench.proposals)
 
     @property
@@ -52,8 +53,9 @@ def bucket_ladder(max_length: int, smallest: int = 64) -> tuple[int, ...]:
     return (*out, max_length)
 
 
-def ablation_ladder() -> list[OursVariant]:
-    """Features switched on one at a time, each variant adding one to the previous."""
+def ablation_ladder(*, proposals: bool = False) -> list[OursVariant]:
+    """Features switched on one at a time, each variant adding one to the previous: the
+    trainer's own features, then (``proposals``) those of ``jaxalign.bench.proposals``."""
     base = OursVariant("jaxalign/baseline", bucketing=False, chunked_logps=False)
     steps = [
         ("jaxalign/+bucketing", {"bucketing": True}),
@@ -61,6 +63,11 @@ def ablation_ladder() -> list[OursVariant]:
         ("jaxalign/+packing", {"packing": True}),
         ("jaxalign/+reference-cache", {"reference": "precomputed"}),
     ]
+    if proposals:
+        steps += [
+            ("jaxalign/+block-attention(proposal)", {"block_attention": True}),
+            ("jaxalign/+scored-lm-head(proposal)", {"scored_lm_head": True}),
+        ]
     out = [base]
     for name, change in steps:
         out.append(dataclasses.replace(out[-1], name=name, **change))
@@ -161,10 +168,12 @@ class OursBench:
 
         from jaxalign.train.run import prepare
 
-        if self.variant.scored_lm_head:
-            from jaxalign.bench.proposals import install_scored_lm_head
+        from jaxalign.bench import proposals
 
-            install_scored_lm_head()
+        if self.variant.block_attention:
+            proposals.install_block_causal_attention()
+        if self.variant.scored_lm_head:
+            proposals.install_scored_lm_head()
         config = make_config(self.workload, self.variant, batch=self.batch, seed=self.seed,
                              learning_rate=self.learning_rate)
         start = time.perf_counter()

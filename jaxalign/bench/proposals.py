@@ -19,7 +19,9 @@ taken ``block`` positions at a time and each block attends only to the keys up t
 end, the rest being masked by causality anyway. That skips ``(n - 1) / (2 n)`` of the score
 matrix for ``n`` blocks and keeps each block's scores small enough to stay in cache: on CPU
 the ``[B, H, L, L]`` float32 scores and their softmax are memory-bound. Same result as the
-full form (the masked scores it skips contribute exactly 0).
+full form on every query that sees at least one key (the masked scores it skips contribute
+exactly 0); a fully masked (padding) query averages its block's key prefix instead of every
+key: finite either way, and never read by a real token.
 """
 
 from __future__ import annotations

@@ -97,6 +97,12 @@ def summarize(
                 if v["kind"] == "jaxalign":
                     ratios[f"{name} / {trl_name}"] = v["pairs_per_s"] / variants[trl_name]["pairs_per_s"]
     out["ratios_pairs_per_s"] = ratios
+    ours = [n for n, v in variants.items() if v["kind"] == "jaxalign"]
+    if ours:
+        best = max(ours, key=lambda n: variants[n]["pairs_per_s"])
+        out.update(best_variant=best, best_pairs_per_s=variants[best]["pairs_per_s"], best_mfu=variants[best]["mfu"])
+        if trl_default is not None and trl_default in variants:
+            out["best_ratio_vs_trl"] = variants[best]["pairs_per_s"] / variants[trl_default]["pairs_per_s"]
     present = [n for n in ladder if n in variants]
     out["ablation"] = [
         {"variant": b, "adds_to": a, "factor": variants[b]["pairs_per_s"] / variants[a]["pairs_per_s"]}

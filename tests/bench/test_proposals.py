@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 from jaxalign import losses
-from jaxalign.bench.proposals import scored_token_logps
+from jaxalign.bench.proposals import block_causal_attention, scored_token_logps
+from jaxalign.models.attention import dot_product_attention, make_attention_mask
 from jaxalign.data import packed_batch, plan_pack
 from jaxalign.data.encoding import EncodedPair, EncodedSequence
 from jaxalign.models import make_model
@@ -60,3 +61,23 @@ def test_equal_to_the_trainer_forward_on_scored_tokens(packed, chunk):
 def test_bad_shapes_are_named():
     with pytest.raises(ValueError, match="scored_token_logps: need hidden"):
         scored_token_logps(jnp.zeros((2, 3, 4)), jnp.zeros((5, 7)), jnp.zeros((2, 3), jnp.int32), jnp.zeros((2, 3)))
+
+
+@pytest.mark.parametrize("block", [4, 7, 24])
+def test_block_causal_attention_equals_the_full_form(packed, block):
+    b, length = packed["segment_ids"].shape
+    keys = jax.random.split(jax.random.PRNGKey(3), 3)
+    q = jax.random.normal(keys[0], (b, length, 4, 8))  # 4 query heads over 2 kv heads (GQA)
+    k = jax.random.normal(keys[1], (b, length, 2, 8))
+    v = jax.random.normal(keys[2], (b, length, 2, 8))
+    index = jnp.arange(length)
+    mask = make_attention_mask(index, index, packed["segment_ids"], packed["segment_ids"], packed["positions"],
+                               packed["positions"])
+    full = jax.jit(lambda *a: dot_product_attention(*a, 0.35))
+    blocked = jax.jit(lambda *a: block_causal_attention(*a, 0.35, block=block))
+    real = np.asarray(packed["segment_ids"]) > 0  # padding queries see nothing: their output is arbitrary
+    np.testing.assert_allclose(np.asarray(blocked(q, k, v, mask))[real], np.asarray(full(q, k, v, mask))[real],
+                               rtol=1e-5, atol=1e-6)
+    loss = lambda f: lambda q, k, v: jnp.sum(jnp.where(real[..., None, None], f(q, k, v, mask), 0.0) ** 2)
+    for a, e in zip(jax.grad(loss(blocked), (0, 1, 2))(q, k, v), jax.grad(loss(full), (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-4, atol=1e-5)

@@ -31,6 +31,7 @@ def test_summary_numbers():
     assert out["ratio_vs_trl"] == 6.0 and out["trl_variant"] == "t"
     assert out["ratios_pairs_per_s"] == {"a / t": 4.0, "b / t": 6.0}
     assert out["ablation"] == [{"variant": "b", "adds_to": "a", "factor": 1.5}]
+    assert out["best_variant"] == "b" and out["best_ratio_vs_trl"] == 6.0
 
 
 def test_ablation_ladder_adds_one_feature_at_a_time():
@@ -44,6 +45,10 @@ def test_ablation_ladder_adds_one_feature_at_a_time():
     for prev, cur in zip(ladder, ladder[1:]):
         changed = [f for f in ("bucketing", "chunked_logps", "packing", "reference") if getattr(prev, f) != getattr(cur, f)]
         assert len(changed) == 1, (prev.name, cur.name)
+    with_proposals = ablation_ladder(proposals=True)
+    assert with_proposals[: len(ladder)] == ladder
+    assert [(v.block_attention, v.scored_lm_head) for v in with_proposals[len(ladder):]] == [(True, False), (True, True)]
+    assert not any(v.block_attention or v.scored_lm_head for v in ladder)
     assert bucket_ladder(512) == (64, 128, 256, 512)
     assert bucket_ladder(300) == (64, 128, 256, 300)
     assert bucket_ladder(64) == (64,)
