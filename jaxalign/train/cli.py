@@ -24,6 +24,13 @@ __all__ = ["main", "parse_command_line"]
 
 USAGE = "usage: python -m jaxalign.train --config configs/RECIPE.py [--workdir DIR] [--config.KEY=VALUE ...]"
 
+# Exit codes (docs/fault_tolerance.md). 1 is left to Python for an unexpected exception.
+EXIT_OK = 0  # all steps done (or the run was already finished)
+EXIT_USAGE = 2  # bad command line or config, or the run cannot start/resume (message on stderr)
+EXIT_NONFINITE = 3  # stopped after max_consecutive_nonfinite non-finite steps; checkpoint = last good state
+EXIT_INTERRUPTED = 75  # SIGTERM/SIGINT: checkpoint saved, rerun the same command to resume (EX_TEMPFAIL)
+STATUS_EXIT_CODES = {"finished": EXIT_OK, "stopped": EXIT_OK, "nonfinite": EXIT_NONFINITE, "interrupted": EXIT_INTERRUPTED}
+
 
 def _flag_values(argv: Sequence[str]) -> flags.FlagValues:
     """Parses ``argv`` with a private absl FlagValues (nothing global is touched)."""
@@ -88,13 +95,14 @@ def default_workdir(recipe: str, root: str = "runs") -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parses the command line, trains, prints where the outputs went. Exit 0 / 2 on bad config."""
+    """Parses the command line, trains, prints where the outputs went; returns the exit code
+    (``EXIT_OK``, ``EXIT_USAGE``, ``EXIT_NONFINITE``, ``EXIT_INTERRUPTED``)."""
     argv = list(sys.argv if argv is None else argv)
     try:
         config, workdir, recipe = parse_command_line(argv)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     from jaxalign.train.loop import RunError, train
 
     workdir = workdir or default_workdir(recipe)
@@ -102,7 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = train(config, workdir)
     except (ConfigError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     if result.is_main_process:
-        print(result.summary())
-    return 0
+        print(result.summary(), flush=True)
+    if result.message and result.is_main_process:
+        print(f"jaxalign.train: {result.message}", file=sys.stderr, flush=True)
+    return STATUS_EXIT_CODES[result.status]

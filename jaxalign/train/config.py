@@ -46,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every = 100  # evaluate on held-out pairs every N steps (0 = only at start and end)
     c.checkpoint_every = 500  # save a checkpoint every N steps (0 = only at the end)
     c.progress_bar = True  # show a tqdm progress bar on process 0
+    c.max_consecutive_nonfinite = 10  # stop (checkpoint = last good state) after N consecutive skipped non-finite steps; 0 = never
 
     c.model = ml_collections.ConfigDict()  # the policy model and its precision
     c.model.path = ""  # Hugging Face checkpoint directory (config.json + *.safetensors)
@@ -124,6 +125,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.max_batches = 0  # cap on eval batches per evaluation (0 = all held-out pairs)
     c.eval.at_start = True  # evaluate before the first step (the starting point of the curves)
 
+    c.debug = ml_collections.ConfigDict()  # TEST HOOKS for the fault-tolerance tests: leave empty in real runs
+    c.debug.nan_at_steps = ()  # TEST HOOK: optimizer steps (1-based) whose gradients are replaced by NaN in the step
+
     c.lock()
     return c
 
@@ -181,6 +185,7 @@ _NON_NEGATIVE = (
     "steps", "epochs", "eval_every", "checkpoint_every", "data.micro_batch_size", "data.eval_pairs",
     "optimizer.learning_rate", "optimizer.warmup_steps", "optimizer.max_grad_norm",
     "optimizer.weight_decay", "checkpoint.keep", "eval.max_batches", "model.logits_chunk",
+    "max_consecutive_nonfinite",
 )
 
 
@@ -274,6 +279,11 @@ def _iter_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
     ls = get("loss.label_smoothing")
     if isinstance(ls, float) and not 0.0 <= ls < 0.5:
         yield f"config key 'loss.label_smoothing' must lie in [0, 0.5), got {ls}"
+    nan_steps = get("debug.nan_at_steps")
+    if isinstance(nan_steps, (list, tuple)) and not all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in nan_steps
+    ):
+        yield f"config key 'debug.nan_at_steps' must hold optimizer steps (ints >= 1), got {tuple(nan_steps)!r}"
     if not get("data.train"):
         yield "config key 'data.train' is empty: name the training data"
     if not get("model.path"):

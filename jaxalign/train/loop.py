@@ -16,6 +16,13 @@
    that the best one can be kept;
 5. at the end the policy is exported in Hugging Face format to ``WORKDIR/export`` (with the
    tokenizer; a reward model's head goes to ``reward_head.safetensors`` beside it).
+
+Stopping early (docs/fault_tolerance.md): on SIGTERM/SIGINT the loop finishes the step it is
+in, saves a checkpoint at that step synchronously and returns with status ``interrupted``;
+after ``max_consecutive_nonfinite`` consecutive non-finite (skipped) steps it saves the last
+good state and returns with status ``nonfinite``. Both decisions are made identically on
+every process. On resume an unusable newest checkpoint is reported and the newest usable
+one is restored (``RunCheckpoints.restore_latest``), onto the current mesh.
 """
 
 from __future__ import annotations
@@ -32,22 +39,30 @@ import numpy as np
 from flax import nnx
 
 from jaxalign import models, parallel
-from jaxalign.train.checkpoint import RunCheckpoints
+from jaxalign.train.checkpoint import CheckpointError, RunCheckpoints, abstract_like
 from jaxalign.train.config import config_diff, flatten
 from jaxalign.train.metrics import MetricsLog, Progress, mean_metrics
+from jaxalign.train.preemption import StopAgreement, StopSignals
 from jaxalign.train.run import Run, RunError, prepare
 from jaxalign.train.step import stack_micro_batches
 
-__all__ = ["RESUMABLE_KEYS", "RunError", "RunResult", "evaluate", "train"]
+__all__ = ["RESUMABLE_KEYS", "STATUSES", "RunError", "RunResult", "evaluate", "train"]
 
 # Config keys that may change when a run is resumed: the length of the run, logging cadence,
-# and where it runs (mesh, multi-host start-up; the checkpoint is restored onto the new mesh).
+# where it runs (mesh, multi-host start-up; the checkpoint is restored onto the new mesh) and
+# the non-finite guard's patience.
 RESUMABLE_KEYS = (
     "steps", "epochs", "log_every", "eval_every", "checkpoint_every", "progress_bar",
     "checkpoint.async_save", "checkpoint.export", "mesh.data", "mesh.fsdp", "mesh.tensor",
-    *(f"distributed.{key}" for key in parallel.distributed_config()),
+    "max_consecutive_nonfinite", *(f"distributed.{key}" for key in parallel.distributed_config()),
 )
 CONFIG_FILE = "config.json"
+# How an invocation of ``train`` ended: all steps done; ``stop_at_step`` reached; a signal
+# (checkpoint saved, rerun to resume); too many consecutive non-finite steps (checkpoint = last
+# good state).
+STATUSES = ("finished", "stopped", "interrupted", "nonfinite")
+# Metrics that are counters: logged with their last value in the window, not the mean.
+COUNTER_METRICS = ("nonfinite_steps", "consecutive_nonfinite")
 
 
 @dataclasses.dataclass
@@ -63,6 +78,8 @@ class RunResult:
     train_metrics: dict[str, float]
     eval_metrics: dict[str, float]
     is_main_process: bool
+    status: str = "finished"  # one of STATUSES
+    message: str = ""  # why an interrupted / nonfinite run stopped, and what to do
 
     def summary(self) -> str:
         lines = [f"run directory: {self.workdir} (step {self.step})"]
@@ -158,11 +175,57 @@ def _export(run: Run, state: Any) -> str:
     return out
 
 
+def _restore(checkpoints: RunCheckpoints, run: Run, workdir: str) -> tuple[Any, int | None]:
+    """``(state, restored step or None)``: the newest usable checkpoint placed on ``run.mesh``."""
+    if not checkpoints.all_steps():
+        return run.state, None
+    target = abstract_like(run.state)
+    run.state = None  # the fresh state's memory is not needed once the checkpoint is read
+    try:
+        restored = checkpoints.restore_latest(target)
+    except CheckpointError as e:
+        raise RunError(f"cannot resume {workdir}: {e}") from None
+    if restored is None:
+        raise RunError(f"cannot resume {workdir}: its checkpoints disappeared while starting")
+    try:
+        run.train_loader.set_state(restored.meta["loader"])
+    except (KeyError, ValueError) as e:
+        raise RunError(f"cannot resume {workdir} at step {restored.step}: {e}") from None
+    state = restored.state
+    limit = run.config.max_consecutive_nonfinite
+    consecutive = int(jax.device_get(state.consecutive_nonfinite))
+    if limit and consecutive >= limit:
+        if run.is_main:
+            print(
+                f"warning: the checkpoint at step {restored.step} ended {consecutive} consecutive non-finite steps; "
+                f"the count restarts at 0 (max_consecutive_nonfinite={limit})", flush=True,
+            )
+        zero = jax.device_put(np.zeros((), np.int32), state.consecutive_nonfinite.sharding)
+        state = state.replace(consecutive_nonfinite=zero)
+    return state, restored.step
+
+
+def _interrupted_message(step: int, received: str | None, path: str) -> str:
+    cause = received or "a signal to another process"
+    return f"interrupted by {cause} after step {step}: checkpoint saved at {path}; rerun the same command to resume"
+
+
+def _nonfinite_message(step: int, consecutive: int, limit: int, path: str) -> str:
+    first, last_good = step - consecutive, step - 1 - consecutive
+    return (
+        f"stopped: {consecutive} consecutive steps ({first}..{step - 1}) had a non-finite loss or gradients and were "
+        f"skipped (max_consecutive_nonfinite={limit}; step {step} was not applied either). The checkpoint at step "
+        f"{step} ({path}) holds the parameters of step {last_good}, the last good one. Lower the learning rate or "
+        "inspect those batches; rerunning the command resumes from it."
+    )
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None) -> RunResult:
     """Trains (or resumes) the run of ``config`` in ``workdir``; see the module docstring.
 
     ``stop_at_step`` ends this invocation early, after that optimizer step, with a
     checkpoint (as an interrupted job would); running ``train`` again resumes from it.
+    SIGTERM/SIGINT during the steps end it the same way (status ``interrupted``).
     """
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -170,19 +233,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
         os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep, keep_best=config.checkpoint.keep_best,
         best_mode=config.checkpoint.best_mode, async_save=config.checkpoint.async_save,
     )
-    latest = checkpoints.latest_step()
-    if latest is not None:
+    if checkpoints.all_steps():
         _check_resume(workdir, config)
     run = prepare(config, workdir)
     if run.is_main:
         _write_config(workdir, config)
-    state = run.state
-    if latest is not None:
-        state, meta = checkpoints.restore(latest, state)
-        try:
-            run.train_loader.set_state(meta["loader"])
-        except ValueError as e:
-            raise RunError(f"cannot resume {workdir} at step {latest}: {e}") from None
+    state, latest = _restore(checkpoints, run, workdir)
     step = int(jax.device_get(state.step))
     c = run.config
     if run.is_main:
@@ -198,47 +254,74 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
         log.write(0, eval_metrics)
     window: list[dict[str, Any]] = []
     batches = _step_batches(run)
-    try:
-        end = run.total_steps if stop_at_step is None else min(stop_at_step, run.total_steps)
-        while step < end:
-            host = next(batches)
-            tokens = float(np.sum(host["segment_ids"] > 0))
-            state, metrics = run.train_step(state, run.device_batch(host, stacked=True), run.reference_params)
-            step += 1
-            window.append(metrics)
-            progress.update(step, tokens)
-            last = step == run.total_steps
-            if step % c.log_every == 0 or last:
-                train_metrics = mean_metrics(window)
-                train_metrics.update(progress.rates(step))
-                window = []
-                log.write(step, train_metrics)
-                progress.show({
-                    "loss": train_metrics["loss"], "tokens/s": train_metrics["tokens_per_second"],
-                    **{k: v for k, v in eval_metrics.items() if k in _SHOWN},
-                })
-            checkpoint_due = step == end or (c.checkpoint_every and step % c.checkpoint_every == 0)
-            eval_due = last or (c.eval_every and step % c.eval_every == 0)
-            if run.eval_loader is not None and (eval_due or (checkpoint_due and c.checkpoint.keep_best)):
-                eval_metrics = evaluate(run, state.params)
-                log.write(step, eval_metrics)
-                progress.show({
-                    "loss": train_metrics.get("loss", float("nan")),
-                    "tokens/s": train_metrics.get("tokens_per_second", float("nan")),
-                    **{k: v for k, v in eval_metrics.items() if k in _SHOWN},
-                })
-            if checkpoint_due:
-                meta = {"loader": run.train_loader.get_state(), "step": step}
-                checkpoints.save(step, state, meta, eval_metrics if eval_due or c.checkpoint.keep_best else None)
-        checkpoints.wait()
-        finished = step == run.total_steps
-        export_dir = _export(run, state) if c.checkpoint.export and finished else None
-    finally:
-        progress.close()
-        log.close()
-        checkpoints.close()
+    status, message, export_dir = "finished", "", None
+    limit = c.max_consecutive_nonfinite
+    previous: dict[str, Any] | None = None  # the last step's metrics (read one step late by the guard)
+    # Signal handlers stay installed until the checkpoints are closed: a second signal can
+    # never cut a save short.
+    with StopSignals() as signals:
+        try:
+            agreement = StopAgreement(run.mesh)
+            end = run.total_steps if stop_at_step is None else min(stop_at_step, run.total_steps)
+            while step < end:
+                host = next(batches)
+                tokens = float(np.sum(host["segment_ids"] > 0))
+                state, metrics = run.train_step(state, run.device_batch(host, stacked=True), run.reference_params)
+                step += 1
+                window.append(metrics)
+                progress.update(step, tokens)
+                # Stop decisions, identical on every process: a signal (agreed over processes)
+                # or the guard's halt, known from the previous step's counter (never waiting on
+                # the step just launched). A halted step changed nothing but the counters.
+                consecutive = int(jax.device_get(previous["consecutive_nonfinite"])) if previous is not None else 0
+                if agreement.update(signals.received is not None):
+                    status = "interrupted"
+                elif limit and consecutive >= limit:
+                    status = "nonfinite"
+                previous = metrics if limit else None
+                last = step == run.total_steps
+                if step % c.log_every == 0 or last or status != "finished":
+                    train_metrics = mean_metrics(window, last=COUNTER_METRICS)
+                    train_metrics.update(progress.rates(step))
+                    window = []
+                    log.write(step, train_metrics)
+                    progress.show({
+                        "loss": train_metrics["loss"], "tokens/s": train_metrics["tokens_per_second"],
+                        **{k: v for k, v in eval_metrics.items() if k in _SHOWN},
+                    })
+                if status != "finished":  # save synchronously, then leave
+                    checkpoints.save(step, state, {"loader": run.train_loader.get_state(), "step": step})
+                    checkpoints.wait()
+                    path = str(checkpoints.step_path(step))
+                    if status == "interrupted":
+                        message = _interrupted_message(step, signals.received, path)
+                    else:
+                        message = _nonfinite_message(step, consecutive, limit, path)
+                    break
+                checkpoint_due = step == end or (c.checkpoint_every and step % c.checkpoint_every == 0)
+                eval_due = last or (c.eval_every and step % c.eval_every == 0)
+                if run.eval_loader is not None and (eval_due or (checkpoint_due and c.checkpoint.keep_best)):
+                    eval_metrics = evaluate(run, state.params)
+                    log.write(step, eval_metrics)
+                    progress.show({
+                        "loss": train_metrics.get("loss", float("nan")),
+                        "tokens/s": train_metrics.get("tokens_per_second", float("nan")),
+                        **{k: v for k, v in eval_metrics.items() if k in _SHOWN},
+                    })
+                if checkpoint_due:
+                    meta = {"loader": run.train_loader.get_state(), "step": step}
+                    checkpoints.save(step, state, meta, eval_metrics if eval_due or c.checkpoint.keep_best else None)
+            checkpoints.wait()
+            if status == "finished" and step < run.total_steps:
+                status = "stopped"
+            if status == "finished" and c.checkpoint.export:
+                export_dir = _export(run, state)
+        finally:
+            progress.close()
+            log.close()
+            checkpoints.close()
     return RunResult(
         workdir=workdir, step=step, resumed_from=latest, metrics_file=log.path,
         checkpoint_dir=checkpoints.directory, export_dir=export_dir, train_metrics=train_metrics,
-        eval_metrics=eval_metrics, is_main_process=run.is_main,
+        eval_metrics=eval_metrics, is_main_process=run.is_main, status=status, message=message,
     )

@@ -46,11 +46,16 @@ def _json_value(value: Any) -> Any:
     return value if math.isfinite(value) else str(value)
 
 
-def mean_metrics(history: list[Mapping[str, Any]]) -> dict[str, float]:
-    """Fetches a window of per-step device metrics (one host transfer) and averages each key."""
+def mean_metrics(history: list[Mapping[str, Any]], last: tuple[str, ...] = ()) -> dict[str, float]:
+    """Fetches a window of per-step device metrics (one host transfer) and averages each key;
+    the keys in ``last`` (counters) take the window's last value instead."""
     host = jax.device_get(history)
     keys = host[0].keys()
-    return {k: float(np.mean([np.asarray(h[k], np.float64) for h in host])) for k in keys}
+    return {
+        k: float(np.asarray(host[-1][k], np.float64)) if k in last
+        else float(np.mean([np.asarray(h[k], np.float64) for h in host]))
+        for k in keys
+    }
 
 
 class MetricsLog:

@@ -342,7 +342,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
     )
     train_step = make_train_step(
         optimizer=optimizer, schedule=schedule, state_shardings=state_shardings,
-        batch_sharding=NamedSharding(mesh, PartitionSpec(None, BATCH_AXES)), **common,
+        batch_sharding=NamedSharding(mesh, PartitionSpec(None, BATCH_AXES)),
+        max_consecutive_nonfinite=resolved.max_consecutive_nonfinite,
+        nan_at_steps=tuple(resolved.debug.nan_at_steps), **common,
     )
     eval_step = make_eval_step(**common)
     return Run(

@@ -18,9 +18,16 @@ and each metric is combined the same way. Since each ``loss_a`` is a weighted me
 own pairs (``weights = pair_mask``) or tokens, ``loss`` is exactly the mean over the global
 batch's pairs (tokens), whatever ``A`` is. Then: global-norm clipping and the optax update.
 
+Non-finite guard (``jaxalign.train.guard``): a step whose loss or gradient norm is not
+finite leaves the parameters and optimizer state unchanged and is counted; after
+``max_consecutive_nonfinite`` such steps in a row every later step is a no-op (the loop then
+stops). All of it is ``jnp.where`` inside the step: no host round trip.
+
 Metrics: the objective's (``rewards/*``, ``logps/*``, ...), ``loss``, ``grad_norm`` (before
-clipping), ``learning_rate`` (of this step), ``num_pairs``, ``num_tokens`` and ``finite``
-(1.0 when the loss and gradient norm are finite: the hook a non-finite guard builds on).
+clipping), ``learning_rate`` (the schedule at the optimizer's count of applied updates),
+``num_pairs``, ``num_tokens``, ``finite`` (1.0 when the loss and gradient norm are finite,
+i.e. the update was not skipped for being non-finite), ``nonfinite_steps`` and
+``consecutive_nonfinite`` (the guard's counters after this step).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from flax import nnx
 
 from jaxalign.losses.reductions import safe_ratio
 from jaxalign.train import forward
+from jaxalign.train.guard import guarded_state, inject_nan
 from jaxalign.train.objectives import Objective, reward_loss, real_token_mask, sft_loss
 from jaxalign.train.state import TrainState
 
@@ -130,6 +138,8 @@ def make_train_step(
     donate: bool = True,
     state_shardings: Any = None,
     batch_sharding: Any = None,
+    max_consecutive_nonfinite: int = 0,
+    nan_at_steps: tuple[int, ...] = (),
 ) -> Callable[..., tuple[TrainState, Metrics]]:
     """The jitted step ``(state, batch, reference_params=None) -> (state, metrics)``.
 
@@ -137,7 +147,8 @@ def make_train_step(
     ``reference_graphdef`` defaults to the policy's). With ``donate`` the input state's
     buffers are reused for the output (do not use the old state afterwards). Optional
     ``state_shardings`` (a pytree of shardings matching the state) and ``batch_sharding``
-    pin the layouts; otherwise they follow the inputs.
+    pin the layouts; otherwise they follow the inputs. ``max_consecutive_nonfinite`` halts
+    the guard (0 = never); ``nan_at_steps`` is the NaN-injection TEST HOOK (``inject_nan``).
     """
     reference_graphdef = graphdef if reference_graphdef is None else reference_graphdef
     loss_fn = _micro_loss(objective, graphdef, logits_chunk)
@@ -160,21 +171,26 @@ def make_train_step(
         unroll = batch["pair_mask"].shape[0] == 1
         grads, (losses_, metrics_, shares) = jax.lax.scan(body, zeros, batch, unroll=unroll)
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+        if nan_at_steps:
+            grads = inject_nan(grads, state.step + 1, nan_at_steps)
         loss = _combine(losses_, shares)
         metrics = {k: _combine(v, shares) for k, v in metrics_.items()}
         grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         rng, _ = jax.random.split(state.rng)
+        new_state = guarded_state(state, params, opt_state, rng, finite, max_consecutive_nonfinite)
         metrics.update(
             loss=loss,
             grad_norm=grad_norm,
-            learning_rate=jnp.asarray(schedule(state.step), jnp.float32),
+            learning_rate=jnp.asarray(schedule(state.step - state.nonfinite_steps), jnp.float32),
             num_pairs=jnp.sum(batch["pair_mask"].astype(jnp.float32)),
             num_tokens=jnp.sum(jax.vmap(real_token_mask)(batch)),
-            finite=(jnp.isfinite(loss) & jnp.isfinite(grad_norm)).astype(jnp.float32),
+            finite=finite.astype(jnp.float32),
+            nonfinite_steps=new_state.nonfinite_steps.astype(jnp.float32),
+            consecutive_nonfinite=new_state.consecutive_nonfinite.astype(jnp.float32),
         )
-        new_state = TrainState(params=params, opt_state=opt_state, step=state.step + 1, rng=rng)
         return new_state, metrics
 
     jit_kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
