@@ -5,6 +5,9 @@ A variant is built exactly as ``python -m jaxalign.train`` builds a run
 trainer's loop steps it (host batch -> ``Run.device_batch`` -> ``Run.train_step``, metrics
 left on the device), without eval, checkpoints or logging.
 
+With ``cache_dir`` shared, the first precomputed variant of a run builds the reference cache
+inside ``prepare`` (timed in ``prepare_s``) and the others load it.
+
 Steady state: before the first timed window every row length the loader can produce is
 compiled ahead of time (one ``lower().compile()`` per bucket, timed as ``compile_s``), run
 once, and ``warmup_steps`` more steps are run. A window then runs ``n`` steps back to back
@@ -74,8 +77,10 @@ def ablation_ladder(*, proposals: bool = False) -> list[OursVariant]:
     return out
 
 
-def make_config(workload: dict[str, Any], variant: OursVariant, *, batch: int, seed: int, learning_rate: float):
-    """The trainer config of ``variant`` on the workload (validated)."""
+def make_config(workload: dict[str, Any], variant: OursVariant, *, batch: int, seed: int, learning_rate: float,
+                cache_dir: str = ""):
+    """The trainer config of ``variant`` on the workload (validated). ``cache_dir``: where the
+    reference log-prob cache is kept ("" = the run directory's)."""
     from jaxalign.train.config import base_config, validate
 
     max_length = workload["max_length"]
@@ -98,6 +103,7 @@ def make_config(workload: dict[str, Any], variant: OursVariant, *, batch: int, s
     c.loss.name = "dpo"
     c.loss.beta = 0.1
     c.reference.mode = variant.reference
+    c.reference.cache_dir = cache_dir
     c.optimizer.name = "adamw"
     c.optimizer.learning_rate = learning_rate
     c.optimizer.schedule = "constant"
@@ -109,8 +115,8 @@ class OursBench:
     """Worker-side state of one jaxalign variant (see the module docstring)."""
 
     def __init__(self, workload: dict[str, Any], variant: OursVariant, *, batch: int, warmup_steps: int,
-                 workdir: str, seed: int = 0, learning_rate: float = 1e-6):
-        self.workload, self.variant = workload, variant
+                 workdir: str, seed: int = 0, learning_rate: float = 1e-6, cache_dir: str = ""):
+        self.workload, self.variant, self.cache_dir = workload, variant, cache_dir
         self.batch, self.warmup_steps = batch, warmup_steps
         self.workdir, self.seed, self.learning_rate = workdir, seed, learning_rate
         self.run: Any = None
@@ -141,28 +147,6 @@ class OursBench:
                                     sequences_per_slot=loader.seqs_per_slot))
         return out
 
-    def _reference_pass(self, params: Any) -> dict[str, float]:
-        """Compile seconds and steady seconds of one pass of the reference forward over the
-        epoch's pairs, batched as the trainer builds its cache (padded, bucketed, unshuffled)."""
-        import jax
-
-        from jaxalign.data import EncodedDataset, Loader
-        from jaxalign.train.step import make_reference_fn
-
-        run = self.run
-        loader = Loader(EncodedDataset(run.train_loader.examples, run.train_loader.report),
-                        batch_size=self.batch, pad_id=run.train_loader.pad_id, shuffle=False, num_epochs=1,
-                        mask=run.train_loader.mask, buckets=tuple(run.config.data.buckets))
-        batches = [run.device_batch(batch, stacked=False) for batch in loader]
-        fn = make_reference_fn(graphdef=run.graphdef, logits_chunk=run.config.model.logits_chunk)
-        start = time.perf_counter()
-        for shape in sorted({b["input_ids"].shape for b in batches}):
-            fn.lower(params, next(b for b in batches if b["input_ids"].shape == shape)).compile()
-        compile_s = time.perf_counter() - start
-        start = time.perf_counter()
-        jax.block_until_ready([fn(params, b) for b in batches])
-        return {"reference_compile_s": compile_s, "reference_pass_s": time.perf_counter() - start}
-
     def setup(self) -> dict[str, Any]:
         import jax
 
@@ -175,14 +159,14 @@ class OursBench:
         if self.variant.scored_lm_head:
             proposals.install_scored_lm_head()
         config = make_config(self.workload, self.variant, batch=self.batch, seed=self.seed,
-                             learning_rate=self.learning_rate)
+                             learning_rate=self.learning_rate, cache_dir=self.cache_dir)
+        cached = bool(self.cache_dir) and os.path.isdir(self.cache_dir) and bool(os.listdir(self.cache_dir))
         start = time.perf_counter()
         self.run = prepare(config, self.workdir)
         prepare_s = time.perf_counter() - start
         self.state = self.run.state
-        info: dict[str, Any] = {"prepare_s": prepare_s}
-        if self.variant.reference == "precomputed":  # the cache was built inside prepare; time it alone
-            info.update(self._reference_pass(self.state.params["model"]))
+        info: dict[str, Any] = {"prepare_s": prepare_s,
+                                "built_reference_cache": self.variant.reference == "precomputed" and not cached}
         compile_s, shapes = 0.0, []
         step = self.run.train_step
         for batch in self._shape_batches():

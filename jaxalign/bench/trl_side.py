@@ -1,8 +1,8 @@
 """The TRL side of the benchmark: ``trl.DPOTrainer`` (PyTorch, CPU) on the same weights and pairs.
 
-TRL's defaults are kept except where the benchmark needs otherwise: ``use_cpu=True`` (on a
-machine without a GPU TRL's default ``bf16=True`` refuses to start without it, and with it
-trains in bfloat16 autocast), ``max_steps`` (the benchmark stops the loop itself),
+TRL's defaults are kept except where the benchmark needs otherwise: ``use_cpu=True`` when
+there is no CUDA device (TRL's default ``bf16=True`` refuses to start on such a machine
+without it, and with it trains in bfloat16 autocast), ``max_steps`` (the benchmark stops the loop itself),
 ``save_strategy="no"``, ``report_to="none"``, ``disable_tqdm=True``, the batch size,
 ``max_length`` and the learning rate. Everything else (sigmoid DPO loss, beta 0.1, the
 reference model on the fly, gradient checkpointing, AdamW, dataloader without workers,
@@ -124,8 +124,10 @@ def _trainer(workload: dict[str, Any], variant: TRLVariant, *, batch: int, workd
     from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
+    import torch
+
     args = DPOConfig(
-        output_dir=workdir, use_cpu=True, bf16=variant.bf16, gradient_checkpointing=variant.gradient_checkpointing,
+        output_dir=workdir, use_cpu=not torch.cuda.is_available(), bf16=variant.bf16, gradient_checkpointing=variant.gradient_checkpointing,
         precompute_ref_log_probs=variant.precompute_ref_log_probs, per_device_train_batch_size=batch,
         max_length=workload["max_length"], learning_rate=learning_rate, max_steps=1_000_000,
         save_strategy="no", report_to="none", disable_tqdm=True, seed=seed,
@@ -162,7 +164,8 @@ def serve_trl(conn, *, workload: dict[str, Any], variant: TRLVariant, batch: int
         trainer.train()
         loss = next((h.get("loss", h.get("train_loss")) for h in reversed(trainer.state.log_history)
                      if "loss" in h or "train_loss" in h), float("nan"))
-        conn.send({"peak_rss_bytes": peak_rss_bytes(), "device_peak_bytes": None, "last_loss": float(loss),
+        device_peak = int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
+        conn.send({"peak_rss_bytes": peak_rss_bytes(), "device_peak_bytes": device_peak, "last_loss": float(loss),
                    "pid": os.getpid()})
     except Exception:  # reported to the parent, which raises BenchError naming the worker
         conn.send({"error": traceback.format_exc()})
