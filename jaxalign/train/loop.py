@@ -40,7 +40,7 @@ from flax import nnx
 
 from jaxalign import models, parallel
 from jaxalign.train.checkpoint import CheckpointError, RunCheckpoints, abstract_like
-from jaxalign.train.config import config_diff, flatten
+from jaxalign.train.config import config_diff, flatten, validate
 from jaxalign.train.metrics import MetricsLog, Progress, mean_metrics
 from jaxalign.train.preemption import StopAgreement, StopSignals
 from jaxalign.train.run import Run, RunError, prepare
@@ -228,6 +228,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     SIGTERM/SIGINT during the steps end it the same way (status ``interrupted``).
     """
     workdir = os.path.abspath(workdir)
+    validate(config)
+    parallel.initialize_distributed(config.distributed)  # before anything touches JAX's backend (Orbax does)
     os.makedirs(workdir, exist_ok=True)
     checkpoints = RunCheckpoints(
         os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep, keep_best=config.checkpoint.keep_best,

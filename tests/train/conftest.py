@@ -10,6 +10,7 @@ import json
 import os
 
 import jax
+import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
@@ -120,6 +121,77 @@ def make_config(tiny_model_dir, data_file):
         return c
 
     return make
+
+
+def write_recipe(config, path) -> str:
+    """Writes a recipe file (``get_config()``) that rebuilds ``config``: for ``python -m jaxalign.train``."""
+    values = {}
+
+    def walk(node, prefix=""):
+        for key, value in node.items():
+            if hasattr(value, "items"):
+                walk(value, f"{prefix}{key}.")
+            else:
+                values[f"{prefix}{key}"] = value
+
+    walk(config)
+    path = os.fspath(path)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(
+            "from jaxalign.train.config import base_config\n\n\n"
+            f"VALUES = {values!r}\n\n\n"
+            "def get_config():\n"
+            "    c = base_config()\n"
+            "    for key, value in VALUES.items():\n"
+            "        *parents, leaf = key.split('.')\n"
+            "        node = c\n"
+            "        for p in parents:\n"
+            "            node = node[p]\n"
+            "        node[leaf] = value\n"
+            "    return c\n"
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def recipe_file():
+    """``recipe_file(config, path) -> path``: see ``write_recipe``."""
+    return write_recipe
+
+
+@pytest.fixture(scope="session")
+def cli_env(_compile_cache_dir):
+    """Environment for ``python -m jaxalign.train`` subprocesses: this checkout on the path, CPU,
+    the tests' 8 fake devices, and the tests' persistent compilation cache (shared programs)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=os.pathsep.join([root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=_compile_cache_dir,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
+    for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_JOB_ID"):
+        env.pop(key, None)
+    return env
+
+
+def _checkpoint_arrays(checkpoint_dir, step: int) -> dict[str, np.ndarray]:
+    import orbax.checkpoint as ocp
+
+    path = os.path.join(os.fspath(checkpoint_dir), str(step), "state")
+    checkpointer = ocp.PyTreeCheckpointer()
+    tree = checkpointer.metadata(path).item_metadata.tree
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    restored = checkpointer.restore(path, restore_args=args)
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
+
+
+@pytest.fixture(scope="session")
+def checkpoint_arrays():
+    """``checkpoint_arrays(checkpoint_dir, step) -> {path: numpy array}``: the saved state as
+    host arrays, read straight from the files (no trainer, no mesh)."""
+    return _checkpoint_arrays
 
 
 def _metrics_by_step(workdir: str) -> dict[int, dict]:
