@@ -85,6 +85,8 @@ def test_wrong_types_are_named():
         ({"data.batch_size": 0}, "'data.batch_size' must be >= 1"),
         ({"optimizer.learning_rate": -1.0}, "'optimizer.learning_rate' must be >= 0"),
         ({"model.path": ""}, "'model.path' is empty"),
+        ({"max_consecutive_nonfinite": -1}, "'max_consecutive_nonfinite' must be >= 0"),
+        ({"debug.nan_at_steps": (2, 0)}, "'debug.nan_at_steps' must hold optimizer steps (ints >= 1), got (2, 0)"),
     ],
 )
 def test_cross_field_rules(change, expected):

@@ -70,3 +70,12 @@ def test_consecutive_nonfinite_steps_stop_the_run_with_the_last_good_state(
     assert (stopped["['step']"], stopped["['nonfinite_steps']"], stopped["['consecutive_nonfinite']"]) == (4, 2, 2)
     m = metrics_by_step(workdir)
     assert max(m) == 4 and m[4]["consecutive_nonfinite"] == 2.0
+
+    # resuming restarts the consecutive count (the NaNs go on here: two more bad steps, then a stop at 7)
+    assert main(["jaxalign.train", "--config", recipe, "--workdir", str(workdir)]) == EXIT_NONFINITE
+    captured = capsys.readouterr()
+    assert "the checkpoint at step 4 ended 2 consecutive non-finite steps; the count restarts at 0" in captured.out
+    assert "2 consecutive steps (5..6) had a non-finite loss" in captured.err
+    resumed = checkpoint_arrays(checkpoints, 7)
+    assert _same(_params_and_opt(last_good), _params_and_opt(resumed))
+    assert (resumed["['nonfinite_steps']"], resumed["['consecutive_nonfinite']"]) == (4, 2)
