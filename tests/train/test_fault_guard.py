@@ -11,9 +11,11 @@ import pytest
 from jaxalign.train.cli import EXIT_NONFINITE, main
 from jaxalign.train.loop import train
 
+# Both tests run the same compiled step: NaN gradients at step 2, then from step 5 on.
 GUARD = {
     "checkpoint_every": 1, "checkpoint.keep": 10, "optimizer.warmup_steps": 3,
-    "optimizer.schedule": "constant", "progress_bar": False,
+    "optimizer.schedule": "constant", "progress_bar": False, "max_consecutive_nonfinite": 2,
+    "debug.nan_at_steps": (2, *range(5, 21)),
 }
 
 
@@ -26,7 +28,7 @@ def _same(a: dict, b: dict) -> bool:
 
 
 def test_nan_gradient_is_skipped_counted_and_training_goes_on(make_config, tmp_path, metrics_by_step, checkpoint_arrays):
-    config = make_config(**GUARD, **{"steps": 4, "debug.nan_at_steps": (2,)})
+    config = make_config(**GUARD, steps=4)
     result = train(config, tmp_path / "run")
     assert result.status == "finished" and result.step == 4
     m = metrics_by_step(tmp_path / "run")
@@ -53,29 +55,26 @@ def test_nan_gradient_is_skipped_counted_and_training_goes_on(make_config, tmp_p
 def test_consecutive_nonfinite_steps_stop_the_run_with_the_last_good_state(
     make_config, tmp_path, recipe_file, capsys, checkpoint_arrays, metrics_by_step
 ):
-    config = make_config(**GUARD, **{
-        "steps": 20, "max_consecutive_nonfinite": 2, "debug.nan_at_steps": tuple(range(2, 21)),
-    })
-    recipe = recipe_file(config, tmp_path / "recipe.py")
+    recipe = recipe_file(make_config(**GUARD, steps=20), tmp_path / "recipe.py")
     workdir = tmp_path / "run"
     assert main(["jaxalign.train", "--config", recipe, "--workdir", str(workdir)]) == EXIT_NONFINITE
     err = capsys.readouterr().err
-    # steps 2 and 3 were bad; the loop learns of the second one a step later, so step 4 (a no-op) is the last
-    assert "2 consecutive steps (2..3) had a non-finite loss or gradients" in err
-    assert "checkpoint at step 4" in err and "parameters of step 1, the last good one" in err
+    # steps 5 and 6 were bad; the loop learns of the second one a step later, so step 7 (a no-op) is the last
+    assert "2 consecutive steps (5..6) had a non-finite loss or gradients" in err
+    assert "checkpoint at step 7" in err and "parameters of step 4, the last good one" in err
     checkpoints = workdir / "checkpoints"
-    assert sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == [1, 2, 3, 4]
-    last_good, stopped = checkpoint_arrays(checkpoints, 1), checkpoint_arrays(checkpoints, 4)
+    assert sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == list(range(1, 8))
+    last_good, stopped = checkpoint_arrays(checkpoints, 4), checkpoint_arrays(checkpoints, 7)
     assert _same(_params_and_opt(last_good), _params_and_opt(stopped))
-    assert (stopped["['step']"], stopped["['nonfinite_steps']"], stopped["['consecutive_nonfinite']"]) == (4, 2, 2)
+    assert (stopped["['step']"], stopped["['nonfinite_steps']"], stopped["['consecutive_nonfinite']"]) == (7, 3, 2)
     m = metrics_by_step(workdir)
-    assert max(m) == 4 and m[4]["consecutive_nonfinite"] == 2.0
+    assert max(m) == 7 and m[7]["consecutive_nonfinite"] == 2.0 and m[7]["nonfinite_steps"] == 3.0
 
-    # resuming restarts the consecutive count (the NaNs go on here: two more bad steps, then a stop at 7)
+    # resuming restarts the consecutive count (the NaNs go on here: two more bad steps, then a stop at 10)
     assert main(["jaxalign.train", "--config", recipe, "--workdir", str(workdir)]) == EXIT_NONFINITE
     captured = capsys.readouterr()
-    assert "the checkpoint at step 4 ended 2 consecutive non-finite steps; the count restarts at 0" in captured.out
-    assert "2 consecutive steps (5..6) had a non-finite loss" in captured.err
-    resumed = checkpoint_arrays(checkpoints, 7)
+    assert "the checkpoint at step 7 ended 2 consecutive non-finite steps; the count restarts at 0" in captured.out
+    assert "2 consecutive steps (8..9) had a non-finite loss" in captured.err
+    resumed = checkpoint_arrays(checkpoints, 10)
     assert _same(_params_and_opt(last_good), _params_and_opt(resumed))
-    assert (resumed["['nonfinite_steps']"], resumed["['consecutive_nonfinite']"]) == (4, 2)
+    assert (resumed["['nonfinite_steps']"], resumed["['consecutive_nonfinite']"]) == (5, 2)
