@@ -19,8 +19,9 @@ Validation on resume (``restore_latest``), newest step first: the commit marker,
 ``_CHECKPOINT_METADATA``, ``state/_METADATA`` and ``meta/metadata`` and the OCDBT manifest
 must exist; the arrays must read back; the meta's step must match; and every array's
 checksum (``state_checksums``: ``sum_i bits(x_i) * (2 i + 1) mod 2^32``, exact integer
-arithmetic, so independent of the mesh) must equal the saved one, which catches truncated,
-deleted or overwritten array data that Orbax itself would restore silently. An unusable
+arithmetic, so independent of the mesh) must equal the saved one. Truncated or deleted
+array files fail to read; overwritten bytes, which Orbax restores silently, fail the
+checksum. An unusable
 step is reported with an ``UnusableCheckpointWarning`` naming the step and the reason and
 the next older one is tried; once one restores, the unusable newer ones are renamed to
 ``<step>.unusable`` (kept for inspection, out of Orbax's way). If every checkpoint is
@@ -36,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pathlib
 import warnings
 from typing import Any
 
@@ -43,7 +45,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 __all__ = [
@@ -186,8 +187,8 @@ class RunCheckpoints:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def step_path(self, step: int) -> epath.Path:
-        return epath.Path(self.directory) / str(step)
+    def step_path(self, step: int) -> pathlib.Path:
+        return pathlib.Path(self.directory) / str(step)
 
     def best_step(self) -> int | None:
         """The step kept as best by ``keep_best`` (None without it or before any eval)."""
@@ -278,7 +279,7 @@ class RunCheckpoints:
         exist but none is usable (nothing is renamed then).
         """
         main = jax.process_index() == 0
-        base = epath.Path(self.directory)
+        base = pathlib.Path(self.directory)
         if main and base.exists():
             for tmp in sorted(p.name for p in base.iterdir() if TMP_SUFFIX in p.name):
                 warnings.warn(
