@@ -42,9 +42,9 @@ def test_sharded_bytes_counts_shards_and_replicas():
 def test_tiny_llama_dpo_step(tool, mesh_config, step, constrain_blocks):
     report = tool.analyse(tool.LLAMA_TINY, mesh_config, pairs=8, length=32, chunk_size=16, step=step,
                           constrain_blocks=constrain_blocks)
-    # the trainer's state adds its step counter and RNG key (replicated, 4 + 8 bytes), and
-    # its optax chain one more int32 count
-    extra_state, extra_opt = (12, 4) if step == "trainer" else (0, 0)
+    # the trainer's state adds its step counter, RNG key and the two non-finite guard counters
+    # (replicated, 4 + 8 + 4 + 4 bytes), and its optax chain one more int32 count
+    extra_state, extra_opt = (20, 4) if step == "trainer" else (0, 0)
     cfg = tool.LLAMA_TINY
     d, f, v, layers = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers
     matrices = v * d * 2 + layers * (4 * d * d + 3 * d * f)  # embed, lm_head, q/k/v/o, gate/up/down
