@@ -211,7 +211,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                "convention": "6N policy fwd+bwd + 2N on-the-fly reference per real token; N = decoder blocks "
                              "+ final norm + hidden*vocab (LM-head matmul); input embedding excluded"},
         workload=wl, trl_skipped=skipped,
-        settings={"batch": args.batch, "dtype": args.dtype, "max_length": args.max_length, "rounds": args.rounds, "steps": args.steps,
+        settings={"batch": args.batch, "dtype": args.dtype, "max_length": args.max_length, "rounds": args.rounds,
+                  "steps": args.steps,
                   "warmup_steps": args.warmup_steps, "torch_threads": args.threads,
                   "xla_flags": os.environ.get("XLA_FLAGS", ""), "variants": names, "seed": args.seed,
                   "learning_rate": args.learning_rate, "data": args.data},

@@ -78,8 +78,9 @@ def summarize(
 ) -> dict[str, Any]:
     """The result dict: per-variant numbers, the headline, ratios vs TRL and the ablation factors."""
     variants = {
-        name: {"kind": kinds[name], **_variant_numbers(r, flop_params=flop_params, unembedding_params=unembedding_params,
-                                                       on_the_fly=on_the_fly[name], peak=peak_flops_per_s)}
+        name: {"kind": kinds[name],
+               **_variant_numbers(r, flop_params=flop_params, unembedding_params=unembedding_params,
+                                  on_the_fly=on_the_fly[name], peak=peak_flops_per_s)}
         for name, r in raw.items()
     }
     out: dict[str, Any] = {"variants": variants}

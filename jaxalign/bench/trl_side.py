@@ -127,7 +127,8 @@ def _trainer(workload: dict[str, Any], variant: TRLVariant, *, batch: int, workd
     import torch
 
     args = DPOConfig(
-        output_dir=workdir, use_cpu=not torch.cuda.is_available(), bf16=variant.bf16, gradient_checkpointing=variant.gradient_checkpointing,
+        output_dir=workdir, use_cpu=not torch.cuda.is_available(), bf16=variant.bf16,
+        gradient_checkpointing=variant.gradient_checkpointing,
         precompute_ref_log_probs=variant.precompute_ref_log_probs, per_device_train_batch_size=batch,
         max_length=workload["max_length"], learning_rate=learning_rate, max_steps=1_000_000,
         save_strategy="no", report_to="none", disable_tqdm=True, seed=seed,
