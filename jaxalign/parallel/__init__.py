@@ -6,6 +6,7 @@ See docs/architecture.md ("Parallelism") for the contract and docs/scaling.md fo
 from jaxalign.parallel.batch import DataShard, batch_sharding, data_shard, global_batch
 from jaxalign.parallel.distributed import (
     DistributedInfo,
+    barrier,
     distributed_config,
     initialize_distributed,
     is_main_process,
@@ -28,6 +29,7 @@ __all__ = [
     "DataShard",
     "DistributedInfo",
     "ShardedBytes",
+    "barrier",
     "batch_sharding",
     "create_sharded",
     "data_shard",

@@ -188,3 +188,11 @@ def initialize_distributed(config: Any = None) -> DistributedInfo:
 def is_main_process() -> bool:
     """True on process 0, the one that writes logs and metrics."""
     return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches the barrier ``name`` (no-op for one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

@@ -47,6 +47,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from jaxalign import parallel
+
 __all__ = [
     "CheckpointError",
     "Restored",
@@ -136,13 +138,6 @@ def _first_line(error: BaseException, limit: int = 300) -> str:
     text = str(error).strip().splitlines()
     line = text[0] if text else ""
     return f"{type(error).__name__}: {line[:limit]}"
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 class RunCheckpoints:
@@ -322,7 +317,7 @@ class RunCheckpoints:
                     n += 1
                     target = source.parent / f"{step}{UNUSABLE_SUFFIX}.{n}"
                 source.rename(target)
-        _barrier("jaxalign-checkpoints-set-aside")
+        parallel.barrier("jaxalign-checkpoints-set-aside")
         self._manager.reload()
 
     def wait(self) -> None:

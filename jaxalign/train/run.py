@@ -114,13 +114,6 @@ def run_mesh(mesh_config: ml_collections.ConfigDict) -> Mesh:
         raise RunError(f"mesh: {e}") from None
 
 
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
 def _resolve_inputs(config: ml_collections.ConfigDict, workdir: str, is_main: bool) -> ml_collections.ConfigDict:
     """Writes the synthetic data and the tiny model when the config asks; returns the config
     with ``data.train`` pointing at real files."""
@@ -131,7 +124,7 @@ def _resolve_inputs(config: ml_collections.ConfigDict, workdir: str, is_main: bo
         path = os.path.join(workdir, "data", "synthetic-sft.jsonl" if sft else "synthetic.jsonl")
         if is_main and not os.path.exists(path):
             write_synthetic(path, config.data.synthetic_pairs, config.seed, sft=sft)
-        _barrier("synthetic-data")
+        parallel.barrier("synthetic-data")
         config.data.train = path
         records = synthetic_records(config.data.synthetic_pairs, config.seed)
         corpus = [r["prompt"] + r[side] for r in records for side in ("chosen", "rejected")]
@@ -141,7 +134,7 @@ def _resolve_inputs(config: ml_collections.ConfigDict, workdir: str, is_main: bo
                 config.model.path, config.model.tiny, max_position=max(config.data.buckets),
                 seed=config.seed, corpus=corpus,
             )
-        _barrier("tiny-model")
+        parallel.barrier("tiny-model")
     if not os.path.isfile(os.path.join(config.model.path, "config.json")):
         raise RunError(
             f"model.path {config.model.path!r} holds no config.json (a Hugging Face checkpoint directory is "
@@ -211,7 +204,7 @@ def _with_calibration_samples(
             )
 
         samples = calibration.load_or_sample(os.path.join(cache_dir, f"calibration-{key}.npz"), sample, write=is_main)
-        _barrier(f"calibration-{split}")
+        parallel.barrier(f"calibration-{split}")
         out[split] = _with_examples(
             loader, calibration.attach_samples(loader.examples, samples), tuple(config.data.buckets)
         )
