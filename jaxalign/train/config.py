@@ -96,6 +96,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.reference.mode = "frozen"  # frozen | precomputed | none (reference-free)
     c.reference.path = ""  # reference checkpoint; "" = model.path (the initial policy)
     c.reference.cache_dir = ""  # precomputed log-prob cache; "" = WORKDIR/reference_cache
+    c.reference.cache_batch_size = 0  # pairs per batch of the forward-only cache pass (all processes); 0 = 4 x micro-batch
 
     c.optimizer = ml_collections.ConfigDict()  # optimizer, learning-rate schedule, clipping
     c.optimizer.name = "adamw"  # adamw | sgd | adafactor
@@ -185,7 +186,7 @@ _NON_NEGATIVE = (
     "steps", "epochs", "eval_every", "checkpoint_every", "data.micro_batch_size", "data.eval_pairs",
     "optimizer.learning_rate", "optimizer.warmup_steps", "optimizer.max_grad_norm",
     "optimizer.weight_decay", "checkpoint.keep", "eval.max_batches", "model.logits_chunk",
-    "max_consecutive_nonfinite",
+    "reference.cache_batch_size", "max_consecutive_nonfinite",
 )
 
 

@@ -3,6 +3,10 @@
 With ``reference.mode = "precomputed"`` the reference model runs once over every training
 and held-out example before training; its per-sequence log-prob sums (chosen, rejected) are
 stored in ``CACHE_DIR/<fingerprint>.npz`` and looked up by each batch's ``example_index``.
+The pass is one unshuffled epoch in the training layout (packed rows with ``data.packing``,
+else padded buckets), ``reference.cache_batch_size`` pairs per batch; it covers every example
+exactly once (``check_coverage``). A sequence's log-prob does not depend on the layout or the
+batch it is computed in (beyond float rounding), so neither is part of the fingerprint.
 
 The fingerprint is a SHA-256 over everything the numbers depend on:
 
@@ -31,7 +35,10 @@ import numpy as np
 from flax import nnx
 
 __all__ = [
+    "CoverageError",
     "ReferenceCache",
+    "check_coverage",
+    "compute_cache",
     "load_or_compute",
     "params_digest",
     "reference_fingerprint",
@@ -165,17 +172,13 @@ def compute_cache(
 ) -> ReferenceCache:
     """Runs ``reference_sums`` (batch -> sums ``[2P]``, or ``[3P]`` with calibration sequences,
     global) over ``batches`` (this process's shard of each global batch) and collects the sums
-    per ``example_index``."""
+    per ``example_index``. Batches may be in any layout (padded or packed) and any order: the
+    sums are keyed by ``example_index`` alone. The next batch is dispatched before the previous
+    one's sums are copied to the host, so that building host batches overlaps the device work."""
     indices, chosen, rejected, calibration = [], [], [], []
-    for batch in batches:
-        sums = _host_array(reference_sums(batch)).astype(np.float64)
-        local = np.asarray(batch["example_index"])
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
 
-            index = np.asarray(multihost_utils.process_allgather(local, tiled=True))
-        else:
-            index = local
+    def collect(sums_device: jax.Array, index: np.ndarray) -> None:
+        sums = _host_array(sums_device).astype(np.float64)
         p = index.shape[0]
         real = index >= 0
         indices.append(index[real])
@@ -183,6 +186,23 @@ def compute_cache(
         rejected.append(sums[p : 2 * p][real])
         if sums.shape[0] == 3 * p:
             calibration.append(sums[2 * p : 3 * p][real])
+
+    pending = None
+    for batch in batches:
+        sums = reference_sums(batch)
+        local = np.asarray(batch["example_index"])
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            index = np.asarray(multihost_utils.process_allgather(local, tiled=True))
+        else:
+            index = local
+        if pending is not None:
+            collect(*pending)
+        pending = (sums, index)
+    if pending is None:
+        raise ValueError("the reference cache pass yielded no batches")
+    collect(*pending)
     return ReferenceCache(
         indices=np.concatenate(indices).astype(np.int64),
         chosen=np.concatenate(chosen).astype(np.float32),
@@ -191,17 +211,48 @@ def compute_cache(
     )
 
 
+class CoverageError(ValueError):
+    """A reference cache does not hold each example of its split exactly once."""
+
+
+def check_coverage(cache: ReferenceCache, expected: np.ndarray, where: str) -> None:
+    """``CoverageError`` (naming ``where``) unless ``cache`` holds each ``expected`` example_index
+    exactly once and nothing else: a missing example must never read as a log-prob of 0."""
+    expected = np.unique(np.asarray(expected, np.int64))
+    held, counts = np.unique(cache.indices, return_counts=True)
+    problems = []
+    missing = np.setdiff1d(expected, held)
+    if missing.size:
+        problems.append(f"{missing.size} example(s) missing (example_index {missing[:5].tolist()})")
+    repeated = held[counts > 1]
+    if repeated.size:
+        problems.append(f"{repeated.size} example(s) cached more than once (example_index {repeated[:5].tolist()})")
+    extra = np.setdiff1d(held, expected)
+    if extra.size:
+        problems.append(f"{extra.size} unknown example(s) (example_index {extra[:5].tolist()})")
+    if problems:
+        raise CoverageError(f"reference cache {where}: " + "; ".join(problems))
+
+
 def load_or_compute(
-    cache_dir: str, fingerprint: str, compute: Callable[[], ReferenceCache], *, write: bool = True
+    cache_dir: str, fingerprint: str, compute: Callable[[], ReferenceCache], *, write: bool = True,
+    expected: np.ndarray | None = None,
 ) -> tuple[ReferenceCache, bool]:
     """``(cache, computed)``: the cache stored under ``fingerprint``, computed and saved if absent.
 
-    ``write`` (process 0 only in multi-process runs) saves a computed cache.
+    ``write`` (process 0 only in multi-process runs) saves a computed cache. ``expected``: the
+    example indices the cache must cover exactly once (``check_coverage``), checked on the
+    loaded or computed cache before it is used or saved.
     """
     path = os.path.join(cache_dir, f"{fingerprint}.npz")
     if os.path.exists(path):
-        return ReferenceCache.load(path), False
+        cache = ReferenceCache.load(path)
+        if expected is not None:
+            check_coverage(cache, expected, f"{path} (delete the file to recompute it)")
+        return cache, False
     cache = compute()
+    if expected is not None:
+        check_coverage(cache, expected, f"computed for {path}")
     if write:
         os.makedirs(cache_dir, exist_ok=True)
         cache.save(path)

@@ -211,11 +211,40 @@ def _with_calibration_samples(
     return out
 
 
-def _cache_batches(loader: Loader, batch_size: int, buckets: tuple[int, ...]) -> Loader:
-    """One unshuffled, padded pass over a loader's examples (for the reference cache)."""
+CACHE_BATCH_FACTOR = 4  # reference.cache_batch_size = 0: this many times the loader's batch
+
+
+def _cache_batch_size(config: ml_collections.ConfigDict, loader: Loader, mesh: Mesh) -> int:
+    """Pairs per global batch of the cache pass: ``reference.cache_batch_size``, or
+    ``CACHE_BATCH_FACTOR`` times the loader's batch; a multiple of the data shards and the
+    mesh's batch axes."""
+    blocks = mesh.shape["data"] * mesh.shape["fsdp"]
+    multiple = math.lcm(loader.shard_count, blocks)
+    size = config.reference.cache_batch_size or CACHE_BATCH_FACTOR * loader.batch_size
+    if size % multiple:
+        raise RunError(
+            f"reference.cache_batch_size = {size} must be a multiple of {multiple} (the batch is split over "
+            f"{loader.shard_count} data shard(s) and the mesh's batch axes data*fsdp = {blocks})"
+        )
+    return size
+
+
+def _cache_loader(loader: Loader, batch_size: int, buckets: tuple[int, ...], row_multiple: int) -> Loader:
+    """One unshuffled pass over a loader's examples in its layout, ``batch_size`` pairs per batch.
+
+    Packed (``loader.packing``): rows of the loader's ``pack_length``, as many as the loader's
+    rule gives for ``batch_size`` pairs (``ceil(mean tokens per pair * pairs per shard /
+    pack_length) + 1``, rounded up to ``row_multiple`` so that the rows split over the mesh).
+    Padded: the examples sorted by length, so that each batch pads to the smallest bucket that
+    fits similar lengths. The order does not matter: the sums are keyed by ``example_index``.
+    """
+    examples = loader.examples
+    if not loader.packing:
+        examples = sorted(examples, key=lambda e: max(len(s) for s in e.sequences))
     return Loader(
-        EncodedDataset(loader.examples, loader.report), batch_size=batch_size, pad_id=loader.pad_id,
-        shuffle=False, num_epochs=1, mask=loader.mask, buckets=buckets,
+        EncodedDataset(examples, loader.report), batch_size=batch_size, pad_id=loader.pad_id,
+        shuffle=False, num_epochs=1, mask=loader.mask, buckets=buckets, packing=loader.packing,
+        pack_length=loader.pack_length if loader.packing else None, row_multiple=row_multiple,
         shard_index=loader.shard_index, shard_count=loader.shard_count,
     )
 
@@ -225,11 +254,14 @@ def _reference_caches(
     mesh: Mesh, is_main: bool,
 ) -> dict[str, ref_cache.ReferenceCache]:
     """Loads or computes the precomputed reference log-probs of the train and eval examples."""
+    from tqdm.auto import tqdm
+
     graphdef, params = reference
     reference_fn = make_reference_fn(
         graphdef=graphdef, sequences_per_pair=run_pieces["sequences_per_pair"], logits_chunk=config.model.logits_chunk
     )
     sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    blocks = mesh.shape["data"] * mesh.shape["fsdp"]
     tokenizer = run_pieces["tokenizer"]
     cache_dir = config.reference.cache_dir or os.path.join(workdir, "reference_cache")
     common = {
@@ -243,6 +275,16 @@ def _reference_caches(
         "dtype": config.model.dtype,
         "format": config.data.format,
     }
+
+    def sums(batch: dict[str, np.ndarray], count: int) -> jax.Array:
+        arrays = {
+            k: jax.make_array_from_process_local_data(
+                sharding, np.asarray(batch[k]), (batch[k].shape[0] * count, *batch[k].shape[1:])
+            )
+            for k in ("input_ids", "positions", "segment_ids", "loss_mask", "sequence_ids", "pair_mask")
+        }
+        return reference_fn(params, arrays)
+
     caches = {}
     for split, loader, spec in (
         ("train", run_pieces["train"], config.data.train),
@@ -255,22 +297,21 @@ def _reference_caches(
             data=ref_cache.source_digest(files), examples=loader.fingerprint,
             settings={**settings, "split": split}, **common,
         )
-        batch_size = loader.batch_size
+        batch_size = _cache_batch_size(config, loader, mesh)
 
-        def sums(batch: dict[str, np.ndarray]) -> jax.Array:
-            count = loader.shard_count
-            arrays = {
-                k: jax.make_array_from_process_local_data(
-                    sharding, np.asarray(batch[k]), (batch[k].shape[0] * count, *batch[k].shape[1:])
-                )
-                for k in ("input_ids", "positions", "segment_ids", "loss_mask", "sequence_ids", "pair_mask")
-            }
-            return reference_fn(params, arrays)
+        def compute(loader=loader, batch_size=batch_size, split=split) -> ref_cache.ReferenceCache:
+            passes = _cache_loader(loader, batch_size, tuple(config.data.buckets), blocks // loader.shard_count)
+            bar = tqdm(
+                passes, total=passes.batches_in_epoch(0), desc=f"reference cache ({split})", unit="batch",
+                dynamic_ncols=True, disable=not (is_main and config.progress_bar),
+            )
+            return ref_cache.compute_cache(bar, lambda batch: sums(batch, loader.shard_count))
 
-        def compute(loader=loader, batch_size=batch_size) -> ref_cache.ReferenceCache:
-            return ref_cache.compute_cache(_cache_batches(loader, batch_size, tuple(config.data.buckets)), sums)
-
-        caches[split], _ = ref_cache.load_or_compute(cache_dir, key, compute, write=is_main)
+        expected = np.asarray([e.index for e in loader.examples], np.int64)
+        try:
+            caches[split], _ = ref_cache.load_or_compute(cache_dir, key, compute, write=is_main, expected=expected)
+        except ref_cache.CoverageError as e:
+            raise RunError(f"reference.mode = 'precomputed' ({split} examples): {e}") from None
     return caches
 
 
