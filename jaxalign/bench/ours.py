@@ -39,8 +39,8 @@ class OursVariant:
     chunked_logps: bool = True  # log-probs from hidden states in chunks (else one [R, L, V] chunk)
     dtype: str = "float32"  # compute dtype
     remat: str = "none"  # per-layer rematerialisation policy
+    scored_lm_head: bool = True  # unembedding only at scored positions (else every position, as before)
     block_attention: bool = False  # proposal: block-causal attention (jaxalign.bench.proposals)
-    scored_lm_head: bool = False  # proposal: unembedding only at scored positions (jaxalign.bench.proposals)
 
     @property
     def on_the_fly_reference(self) -> bool:
@@ -59,18 +59,16 @@ def bucket_ladder(max_length: int, smallest: int = 64) -> tuple[int, ...]:
 def ablation_ladder(*, proposals: bool = False) -> list[OursVariant]:
     """Features switched on one at a time, each variant adding one to the previous: the
     trainer's own features, then (``proposals``) those of ``jaxalign.bench.proposals``."""
-    base = OursVariant("jaxalign/baseline", bucketing=False, chunked_logps=False)
+    base = OursVariant("jaxalign/baseline", bucketing=False, chunked_logps=False, scored_lm_head=False)
     steps = [
         ("jaxalign/+bucketing", {"bucketing": True}),
         ("jaxalign/+chunked-logps", {"chunked_logps": True}),
+        ("jaxalign/+scored-lm-head", {"scored_lm_head": True}),
         ("jaxalign/+packing", {"packing": True}),
         ("jaxalign/+reference-cache", {"reference": "precomputed"}),
     ]
     if proposals:
-        steps += [
-            ("jaxalign/+block-attention(proposal)", {"block_attention": True}),
-            ("jaxalign/+scored-lm-head(proposal)", {"scored_lm_head": True}),
-        ]
+        steps += [("jaxalign/+block-attention(proposal)", {"block_attention": True})]
     out = [base]
     for name, change in steps:
         out.append(dataclasses.replace(out[-1], name=name, **change))
@@ -109,6 +107,21 @@ def make_config(workload: dict[str, Any], variant: OursVariant, *, batch: int, s
     c.optimizer.schedule = "constant"
     c.mesh.data = c.mesh.fsdp = c.mesh.tensor = 1
     return validate(c)
+
+
+def _install_full_lm_head() -> None:
+    """Makes the trainer's ``forward.token_logps`` project every position through the
+    unembedding, as it did before the scored-positions head (ablation only, this process)."""
+    import jax.numpy as jnp
+
+    from jaxalign.train import forward
+
+    scored_only = forward.token_logps
+
+    def token_logps(graphdef: Any, params: Any, batch: dict[str, Any], *, chunk: int = 0) -> Any:
+        return scored_only(graphdef, params, {**batch, "loss_mask": jnp.ones_like(batch["loss_mask"])}, chunk=chunk)
+
+    forward.token_logps = token_logps
 
 
 class OursBench:
@@ -156,8 +169,8 @@ class OursBench:
 
         if self.variant.block_attention:
             proposals.install_block_causal_attention()
-        if self.variant.scored_lm_head:
-            proposals.install_scored_lm_head()
+        if not self.variant.scored_lm_head:
+            _install_full_lm_head()
         config = make_config(self.workload, self.variant, batch=self.batch, seed=self.seed,
                              learning_rate=self.learning_rate, cache_dir=self.cache_dir)
         cached = bool(self.cache_dir) and os.path.isdir(self.cache_dir) and bool(os.listdir(self.cache_dir))

@@ -64,12 +64,14 @@ def _gather_logps(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def _map_over_sequence(
-    fn: Callable[..., jax.Array], sequences: tuple[jax.Array, ...], chunk_size: int
+    fn: Callable[..., jax.Array], sequences: tuple[jax.Array, ...], chunk_size: int, active: jax.Array | None = None
 ) -> jax.Array:
     """Applies ``fn`` to chunks of ``chunk_size`` positions (axis 1), one at a time.
 
     Every array in ``sequences`` is ``[B, L, ...]``; ``fn`` maps chunks ``[B, C, ...]`` to
-    ``[B, C]``. Each chunk is rematerialised in the backward pass.
+    ``[B, C]``. Each chunk is rematerialised in the backward pass. With ``active`` (a scalar
+    position count) only chunks starting below it run; the others give 0, skipped by
+    ``lax.cond`` in both passes.
     """
     batch, length = sequences[0].shape[:2]
     num_chunks = -(-length // chunk_size)
@@ -80,7 +82,17 @@ def _map_over_sequence(
         x = x.reshape((batch, num_chunks, chunk_size) + x.shape[2:])
         return jnp.moveaxis(x, 1, 0)
 
-    out = jax.lax.map(lambda chunk: jax.checkpoint(fn)(*chunk), tuple(to_chunks(x) for x in sequences))
+    chunks = tuple(to_chunks(x) for x in sequences)
+    if active is None:
+        out = jax.lax.map(lambda chunk: jax.checkpoint(fn)(*chunk), chunks)
+    else:
+        starts = jnp.arange(num_chunks, dtype=jnp.int32) * chunk_size
+
+        def run_or_skip(start: jax.Array, *chunk: jax.Array) -> jax.Array:
+            skip = lambda *_: jnp.zeros((batch, chunk_size), jax.eval_shape(fn, *chunk).dtype)
+            return jax.lax.cond(start < active, fn, skip, *chunk)
+
+        out = jax.lax.map(lambda xs: jax.checkpoint(run_or_skip)(*xs), (starts, *chunks))
     return jnp.moveaxis(out, 0, 1).reshape(batch, padded)[:, :length]
 
 
@@ -115,12 +127,20 @@ def token_logps_from_hidden(
     *,
     chunk_size: int,
     segment_ids: jax.Array | None = None,
+    loss_mask: jax.Array | None = None,
 ) -> jax.Array:
     """Label-aligned per-token log-probs ``[B, L]`` from final hidden states, in chunks.
 
     ``logits = hidden @ unembedding`` (``[B, L, D] @ [D, V]``, accumulated in float32) is only
     ever formed for ``chunk_size`` positions at a time, in the forward and the backward pass, so
     the memory peak is ``O(B * chunk_size * V)`` instead of ``O(B * L * V)``.
+
+    With ``loss_mask`` only the tokens it scores (``loss_mask > 0``) are computed; every other
+    token gets 0. Each row's predicting positions are stably sorted so that the scored ones come
+    first, and only the chunks below the largest per-row count run (``lax.cond``, decided on the
+    device: shapes stay static). For DPO, where the completions are about a third of the
+    tokens, this skips most of the unembedding, the largest matmul of a small model's step.
+    Where ``loss_mask > 0`` values and gradients equal those without it.
     """
     if hidden.ndim != 3 or unembedding.ndim != 2 or hidden.shape[-1] != unembedding.shape[0]:
         raise ValueError(
@@ -132,10 +152,31 @@ def token_logps_from_hidden(
     dtype = compute_dtype(hidden, unembedding)
 
     def chunk_logps(hidden_chunk: jax.Array, labels_chunk: jax.Array) -> jax.Array:
-        logits = jnp.einsum("bcd,dv->bcv", hidden_chunk, unembedding, preferred_element_type=dtype)
-        return _gather_logps(logits, labels_chunk)
+        # One 2-D matmul over the chunk's B * C positions (XLA:CPU runs a [B, C, D] x [D, V]
+        # einsum about 1.4x slower than the same product on the flattened rows).
+        flat = hidden_chunk.reshape(-1, hidden_chunk.shape[-1])
+        logits = jnp.einsum("nd,dv->nv", flat, unembedding, preferred_element_type=dtype)
+        return _gather_logps(logits, labels_chunk.reshape(-1)).reshape(labels_chunk.shape)
 
-    predicted = _map_over_sequence(chunk_logps, (hidden, _next_tokens(input_ids)), chunk_size)
+    labels = _next_tokens(input_ids)
+    if loss_mask is None:
+        predicted = _map_over_sequence(chunk_logps, (hidden, labels), chunk_size)
+    else:
+        if tuple(loss_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"losses.token_logps_from_hidden: loss_mask must have shape {list(input_ids.shape)}, "
+                f"got {list(loss_mask.shape)}"
+            )
+        scored = _next_tokens(loss_mask) > 0
+        order = jnp.argsort(jnp.logical_not(scored), axis=1, stable=True)
+        count = jnp.max(jnp.sum(scored, axis=1, dtype=jnp.int32))
+        rows, length = labels.shape
+        flat = (order + length * jnp.arange(rows, dtype=order.dtype)[:, None]).reshape(-1)
+        sorted_hidden = hidden.reshape(rows * length, -1)[flat].reshape(hidden.shape)
+        sorted_labels = labels.reshape(-1)[flat].reshape(labels.shape)
+        by_rank = _map_over_sequence(chunk_logps, (sorted_hidden, sorted_labels), chunk_size, active=count)
+        predicted = jnp.zeros((rows * length,), by_rank.dtype).at[flat].set(by_rank.reshape(-1)).reshape(rows, length)
+        predicted = jnp.where(scored, predicted, jnp.zeros_like(predicted))
     return _label_align("token_logps_from_hidden", predicted, segment_ids)
 
 

@@ -4,9 +4,10 @@ The model is split once outside ``jit`` (``graphdef, params = nnx.split(model, n
 and merged inside (``nnx.merge(graphdef, params)``), following docs/architecture.md. All
 per-token and per-sequence quantities are float32.
 
-* ``token_logps``: label-aligned per-token log-probs ``[R, L]`` from the final hidden states
-  and the unembedding, computed ``chunk`` positions at a time so that no float32
-  ``[R, L, V]`` logits array exists.
+* ``token_logps``: label-aligned per-token log-probs ``[R, L]`` of the tokens the batch's
+  ``loss_mask`` scores (0 elsewhere), from the final hidden states and the unembedding:
+  only scored positions go through the unembedding, ``chunk`` positions per row at a time,
+  so that no float32 ``[R, L, V]`` logits array exists.
 * ``sequence_logps``: per-sequence sums ``sum_t loss_mask * logp`` and token counts over the
   batch's ``sequence_ids`` (works for padded and packed layouts alike).
 * ``sequence_rewards``: a scalar reward per sequence, ``h_last . w + b``, where ``h_last`` is
@@ -27,13 +28,14 @@ __all__ = ["hidden_states", "init_reward_head", "logits_chunk_size", "sequence_l
 
 Batch = dict[str, jax.Array]
 
-# Budget for one chunk of float32 logits: rows * chunk * vocab * 4 bytes.
-_CHUNK_BYTES = 256 * 2**20
+# Budget for one chunk of float32 logits: rows * chunk * vocab * 4 bytes. Small chunks also
+# waste less on the last, partly scored chunk of each row.
+_CHUNK_BYTES = 64 * 2**20
 
 
 def logits_chunk_size(rows: int, length: int, vocab: int, requested: int = 0) -> int:
     """Sequence positions per unembedding chunk: ``requested`` if > 0, else the largest
-    chunk (at least 16, at most ``length``) whose float32 logits fit in 256 MiB."""
+    chunk (at least 16, at most ``length``) whose float32 logits fit in 64 MiB."""
     if requested > 0:
         return min(requested, length)
     fits = _CHUNK_BYTES // max(rows * vocab * 4, 1)
@@ -50,13 +52,15 @@ def hidden_states(graphdef: nnx.GraphDef, params: Any, batch: Batch) -> tuple[ja
 
 
 def token_logps(graphdef: nnx.GraphDef, params: Any, batch: Batch, *, chunk: int = 0) -> jax.Array:
-    """Label-aligned float32 log-probs ``[R, L]`` of the batch's tokens under the model."""
+    """Label-aligned float32 log-probs ``[R, L]`` under the model of the tokens with
+    ``loss_mask > 0``; 0 on every other token (never projected through the unembedding)."""
     hidden, model = hidden_states(graphdef, params, batch)
     unembedding = model.unembedding()
     rows, length = batch["input_ids"].shape
     size = logits_chunk_size(rows, length, unembedding.shape[-1], chunk)
     return losses.token_logps_from_hidden(
-        hidden, unembedding, batch["input_ids"], chunk_size=size, segment_ids=batch["segment_ids"]
+        hidden, unembedding, batch["input_ids"], chunk_size=size, segment_ids=batch["segment_ids"],
+        loss_mask=batch["loss_mask"],
     )
 
 

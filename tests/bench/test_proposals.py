@@ -1,19 +1,14 @@
-"""The scored-positions LM head proposal gives the trainer's log-probs and gradients where the loss looks."""
+"""The block-causal attention proposal gives the models' attention values and gradients on real queries."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from jaxalign import losses
-from jaxalign.bench.proposals import block_causal_attention, scored_token_logps
+from jaxalign.bench.proposals import block_causal_attention
 from jaxalign.models.attention import dot_product_attention, make_attention_mask
 from jaxalign.data import packed_batch, plan_pack
 from jaxalign.data.encoding import EncodedPair, EncodedSequence
-from jaxalign.models import make_model
-from jaxalign.models.tiny import tiny_config
-from jaxalign.train import forward
 
 
 def _pair(rng, index, prompt, chosen, rejected, vocab):
@@ -32,35 +27,6 @@ def packed():
     assert taken == 3
     batch = packed_batch(pairs + [None], place + [None], rows=3, length=24, pad_id=0)
     return {k: jnp.asarray(v) for k, v in batch.items()}
-
-
-@pytest.mark.parametrize("chunk", [5, 1000])
-def test_equal_to_the_trainer_forward_on_scored_tokens(packed, chunk):
-    model = make_model(tiny_config("llama", vocab_size=40, hidden_size=16, num_layers=1, num_heads=2,
-                                   max_position=24), seed=1)
-    graphdef, params = nnx.split(model, nnx.Param)
-    mask = packed["loss_mask"]
-
-    def ours(p):
-        hidden, m = forward.hidden_states(graphdef, p, packed)
-        return scored_token_logps(hidden, m.unembedding(), packed["input_ids"], mask, chunk_size=chunk)
-
-    def trainer(p):
-        return forward.token_logps(graphdef, p, packed, chunk=8)
-
-    expected = jax.jit(trainer)(params)
-    got = jax.jit(ours)(params)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(expected * mask), rtol=1e-6, atol=1e-6)
-    assert np.all(np.asarray(got)[np.asarray(mask) == 0] == 0)
-    sums = lambda f: lambda p: jnp.sum(losses.segment_logps(f(p), mask, packed["sequence_ids"], num_sequences=8)[0])
-    g_ours, g_trainer = jax.jit(jax.grad(sums(ours)))(params), jax.jit(jax.grad(sums(trainer)))(params)
-    for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_trainer)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-
-
-def test_bad_shapes_are_named():
-    with pytest.raises(ValueError, match="scored_token_logps: need hidden"):
-        scored_token_logps(jnp.zeros((2, 3, 4)), jnp.zeros((5, 7)), jnp.zeros((2, 3), jnp.int32), jnp.zeros((2, 3)))
 
 
 @pytest.mark.parametrize("block", [4, 7, 24])

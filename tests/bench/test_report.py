@@ -37,18 +37,19 @@ def test_summary_numbers():
 def test_ablation_ladder_adds_one_feature_at_a_time():
     ladder = ablation_ladder()
     assert [v.name for v in ladder] == ["jaxalign/baseline", "jaxalign/+bucketing", "jaxalign/+chunked-logps",
-                                        "jaxalign/+packing", "jaxalign/+reference-cache"]
+                                        "jaxalign/+scored-lm-head", "jaxalign/+packing", "jaxalign/+reference-cache"]
+    features = ("bucketing", "chunked_logps", "scored_lm_head", "packing", "reference")
     base = ladder[0]
-    assert (base.bucketing, base.chunked_logps, base.packing, base.reference) == (False, False, False, "frozen")
+    assert tuple(getattr(base, f) for f in features) == (False, False, False, False, "frozen")
     last = ladder[-1]
-    assert (last.bucketing, last.chunked_logps, last.packing, last.reference) == (True, True, True, "precomputed")
+    assert tuple(getattr(last, f) for f in features) == (True, True, True, True, "precomputed")
     for prev, cur in zip(ladder, ladder[1:]):
-        changed = [f for f in ("bucketing", "chunked_logps", "packing", "reference") if getattr(prev, f) != getattr(cur, f)]
+        changed = [f for f in features if getattr(prev, f) != getattr(cur, f)]
         assert len(changed) == 1, (prev.name, cur.name)
     with_proposals = ablation_ladder(proposals=True)
     assert with_proposals[: len(ladder)] == ladder
-    assert [(v.block_attention, v.scored_lm_head) for v in with_proposals[len(ladder):]] == [(True, False), (True, True)]
-    assert not any(v.block_attention or v.scored_lm_head for v in ladder)
+    assert [v.block_attention for v in with_proposals[len(ladder):]] == [True]
+    assert not any(v.block_attention for v in ladder)
     assert bucket_ladder(512) == (64, 128, 256, 512)
     assert bucket_ladder(300) == (64, 128, 256, 300)
     assert bucket_ladder(64) == (64,)

@@ -123,6 +123,49 @@ def test_hidden_form_equals_logits_form_with_gradients(data):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk_size", [1, 3, L])
+def test_scored_form_equals_full_form_on_scored_tokens_with_gradients(data, chunk_size):
+    hidden, w, ids = jnp.asarray(data["hidden"]), jnp.asarray(data["unembedding"]), jnp.asarray(data["ids"])
+    # Row 0 scores nothing, row 1 everything, row 2 a scattered subset; packed segments on row 2.
+    mask = jnp.asarray(np.stack([np.zeros(L), np.ones(L), data["mask"][2]]).astype(np.float32))
+    segments = jnp.asarray([[1] * L, [1] * L, [1, 1, 1, 2, 2, 2, 0]], jnp.int32)
+
+    def scored(h, u):
+        return losses.token_logps_from_hidden(h, u, ids, chunk_size=chunk_size, segment_ids=segments, loss_mask=mask)
+
+    def full(h, u):
+        return losses.token_logps_from_hidden(h, u, ids, chunk_size=chunk_size, segment_ids=segments)
+
+    got, expected = np.asarray(jax.jit(scored)(hidden, w)), np.asarray(full(hidden, w))
+    scored_tokens = np.asarray(mask) > 0
+    np.testing.assert_allclose(got[scored_tokens], expected[scored_tokens], atol=1e-6)
+    assert np.all(got[~scored_tokens] == 0.0)
+    total = lambda f: lambda h, u: jnp.sum(f(h, u) * mask)
+    g_scored = jax.jit(jax.grad(total(scored), argnums=(0, 1)))(hidden, w)
+    g_full = jax.jit(jax.grad(total(full), argnums=(0, 1)))(hidden, w)
+    for a, b in zip(g_scored, g_full):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_scored_form_never_projects_the_chunks_past_the_largest_scored_count(data):
+    # Only the first two tokens after position 0 are scored in each row, so with chunks of 2
+    # only the first chunk of sorted positions may run: NaN hidden states anywhere else must not
+    # reach the values or the gradients (a computed-then-masked chunk would put NaN into the
+    # unembedding's gradient).
+    ids, w = jnp.asarray(data["ids"]), jnp.asarray(data["unembedding"])
+    mask = jnp.zeros((B, L)).at[:, 1:3].set(1.0)
+    hidden = jnp.asarray(data["hidden"]).at[:, 2:].set(jnp.nan)
+
+    def total(h, u):
+        return jnp.sum(losses.token_logps_from_hidden(h, u, ids, chunk_size=2, loss_mask=mask) * mask)
+
+    value, (g_hidden, g_unembedding) = jax.jit(jax.value_and_grad(total, argnums=(0, 1)))(hidden, w)
+    expected = losses.token_logps_from_hidden(jnp.asarray(data["hidden"]), w, ids, chunk_size=2)
+    np.testing.assert_allclose(float(value), float(jnp.sum(expected * mask)), rtol=1e-6)
+    assert np.isfinite(np.asarray(g_unembedding)).all()
+    assert np.isfinite(np.asarray(g_hidden)[:, :2]).all() and np.all(np.asarray(g_hidden)[:, 2:] == 0)
+
+
 def _largest_f32_array(lowered_text):
     sizes = [int(np.prod([int(d) for d in dims.split("x")])) for dims in re.findall(r"tensor<([\dx]+)xf32>", lowered_text)]
     return max(sizes)
@@ -135,11 +178,13 @@ def test_chunked_forms_never_build_a_float32_batch_length_vocab_array():
     w = jnp.ones((d, v), jnp.bfloat16)
     ids = jnp.zeros((b, length), jnp.int32)
 
-    def from_hidden(h, u):
-        return jnp.sum(losses.token_logps_from_hidden(h, u, ids, chunk_size=chunk))
+    for loss_mask in (None, jnp.ones((b, length))):
 
-    text = jax.jit(jax.value_and_grad(from_hidden, argnums=(0, 1))).lower(hidden, w).as_text()
-    assert _largest_f32_array(text) <= b * chunk * v < b * length * v
+        def from_hidden(h, u):
+            return jnp.sum(losses.token_logps_from_hidden(h, u, ids, chunk_size=chunk, loss_mask=loss_mask))
+
+        text = jax.jit(jax.value_and_grad(from_hidden, argnums=(0, 1))).lower(hidden, w).as_text()
+        assert _largest_f32_array(text) <= b * chunk * v < b * length * v
 
     logits = jnp.ones((b, length, v), jnp.bfloat16)
     text = jax.jit(jax.value_and_grad(lambda lg: jnp.sum(losses.token_logps(lg, ids, chunk_size=chunk)))).lower(
@@ -232,6 +277,10 @@ def test_bad_inputs_raise_clear_errors(data):
     with pytest.raises(ValueError, match=r"token_logps_from_hidden: segment_ids must have shape \[3, 7\], got \[3, 6\]"):
         losses.token_logps_from_hidden(
             jnp.zeros((B, L, D)), jnp.zeros((D, V)), ids, chunk_size=2, segment_ids=jnp.ones((B, L - 1), jnp.int32)
+        )
+    with pytest.raises(ValueError, match=r"token_logps_from_hidden: loss_mask must have shape \[3, 7\], got \[3, 6\]"):
+        losses.token_logps_from_hidden(
+            jnp.zeros((B, L, D)), jnp.zeros((D, V)), ids, chunk_size=2, loss_mask=jnp.ones((B, L - 1))
         )
     with pytest.raises(ValueError, match=r"segment_logps: .*sequence_ids \[3, 6\] must have the same shape"):
         losses.segment_logps(jnp.zeros((B, L)), jnp.zeros((B, L)), jnp.zeros((B, L - 1), jnp.int32), num_sequences=2)
