@@ -30,8 +30,7 @@ from jaxalign.bench.workload import FIXTURE, ModelSpec, build_workload
 __all__ = ["GROUPS", "OURS_VARIANTS", "TRL_VARIANTS", "main", "parse_args", "run_bench"]
 
 HEADLINE = "jaxalign/+reference-cache"  # every feature the trainer has today
-OURS_VARIANTS: dict[str, OursVariant] = {v.name: v for v in ablation_ladder(proposals=True)}
-PROPOSALS = tuple(OURS_VARIANTS)[len(ablation_ladder()):]
+OURS_VARIANTS: dict[str, OursVariant] = {v.name: v for v in ablation_ladder()}
 TRL_VARIANTS: dict[str, TRLVariant] = {v.name: v for v in (
     TRLVariant("trl/default"),
     TRLVariant("trl/float32", bf16=False),
@@ -41,9 +40,8 @@ TRL_VARIANTS: dict[str, TRLVariant] = {v.name: v for v in (
 # Names --variants accepts for several variants at once.
 GROUPS: dict[str, tuple[str, ...]] = {
     "ladder": tuple(v.name for v in ablation_ladder()),
-    "proposals": PROPOSALS,
     "trl": ("trl/default", "trl/float32"),
-    "headline": ("jaxalign/+packing", HEADLINE, *PROPOSALS, "trl/default", "trl/float32"),
+    "headline": ("jaxalign/+packing", HEADLINE, "trl/default", "trl/float32"),
 }
 
 
@@ -60,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="jaxalign compute dtype (parameters stay float32); bfloat16 for GPUs/TPUs")
     p.add_argument("--data", default=str(FIXTURE), help="HH-RLHF (or standard-format) pairs; default: the fixture")
-    p.add_argument("--variants", default="ladder,proposals,trl",
+    p.add_argument("--variants", default="ladder,trl",
                    help=f"comma-separated variants or groups; variants: {', '.join([*OURS_VARIANTS, *TRL_VARIANTS])}; "
                         f"groups: " + "; ".join(f"{g} = {', '.join(v)}" for g, v in GROUPS.items()))
     p.add_argument("--no-trl", action="store_true", help="leave out every trl/* variant")

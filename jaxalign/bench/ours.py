@@ -40,7 +40,7 @@ class OursVariant:
     dtype: str = "float32"  # compute dtype
     remat: str = "none"  # per-layer rematerialisation policy
     scored_lm_head: bool = True  # unembedding only at scored positions (else every position, as before)
-    block_attention: bool = False  # proposal: block-causal attention (jaxalign.bench.proposals)
+    block_attention: bool = True  # query blocks over their causal key prefix (else one full score matrix)
 
     @property
     def on_the_fly_reference(self) -> bool:
@@ -56,19 +56,19 @@ def bucket_ladder(max_length: int, smallest: int = 64) -> tuple[int, ...]:
     return (*out, max_length)
 
 
-def ablation_ladder(*, proposals: bool = False) -> list[OursVariant]:
-    """Features switched on one at a time, each variant adding one to the previous: the
-    trainer's own features, then (``proposals``) those of ``jaxalign.bench.proposals``."""
-    base = OursVariant("jaxalign/baseline", bucketing=False, chunked_logps=False, scored_lm_head=False)
+def ablation_ladder() -> list[OursVariant]:
+    """The trainer's throughput features switched on one at a time, each variant adding one
+    to the previous; the last is the trainer as it runs by default."""
+    base = OursVariant("jaxalign/baseline", bucketing=False, chunked_logps=False, scored_lm_head=False,
+                       block_attention=False)
     steps = [
         ("jaxalign/+bucketing", {"bucketing": True}),
         ("jaxalign/+chunked-logps", {"chunked_logps": True}),
         ("jaxalign/+scored-lm-head", {"scored_lm_head": True}),
+        ("jaxalign/+block-attention", {"block_attention": True}),
         ("jaxalign/+packing", {"packing": True}),
         ("jaxalign/+reference-cache", {"reference": "precomputed"}),
     ]
-    if proposals:
-        steps += [("jaxalign/+block-attention(proposal)", {"block_attention": True})]
     out = [base]
     for name, change in steps:
         out.append(dataclasses.replace(out[-1], name=name, **change))
@@ -165,10 +165,10 @@ class OursBench:
 
         from jaxalign.train.run import prepare
 
-        from jaxalign.bench import proposals
+        if not self.variant.block_attention:
+            from jaxalign.models import causal_lm
 
-        if self.variant.block_attention:
-            proposals.install_block_causal_attention()
+            causal_lm.QUERY_BLOCK = 0
         if not self.variant.scored_lm_head:
             _install_full_lm_head()
         config = make_config(self.workload, self.variant, batch=self.batch, seed=self.seed,

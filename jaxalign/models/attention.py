@@ -62,18 +62,43 @@ def make_attention_mask(
     return mask
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+def dot_product_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, *, query_block: int = 0
+) -> jax.Array:
     """``softmax(q k^T * scale, masked) v`` with ``q [B, Lq, H, Dh]``, ``k, v [B, Lk, KV, Dh]``.
 
     Query head ``h`` uses key/value head ``h // (H / KV)`` (HF's ``repeat_kv`` order). Scores and
     the softmax are float32; masked scores are the float32 minimum, so a fully masked (padding)
-    query gets a uniform, finite average.
+    query gets a finite average of the values it is shown.
+
+    ``query_block > 0`` is for queries and keys at the same slots (a training or scoring
+    forward, ``Lq == Lk``): queries are then taken ``query_block`` at a time and each block
+    attends only to the keys up to its own last slot. The causal rule masks every later key
+    anyway, so real queries get the same result while about half of the ``[B, H, L, L]``
+    score matrix is never formed, and each block's scores stay small enough for the cache.
     """
-    b, lq, h, dh = q.shape
-    kv = k.shape[2]
-    qg = q.reshape(b, lq, kv, h // kv, dh)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
-    return out.reshape(b, lq, h, dh)
+    lq, lk = q.shape[1], k.shape[1]
+    if query_block <= 0 or lq != lk or lq <= query_block:
+        return _attention(q, k, v, mask, scale)
+    outs = []
+    for start in range(0, lq, query_block):
+        end = min(start + query_block, lq)
+        outs.append(_attention(q[:, start:end], k[:, :end], v[:, :end], mask[:, start:end, :end], scale))
+    return jnp.concatenate(outs, axis=1)
+
+
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+    """One masked attention over all the given keys. The weights ``exp(s - max s)`` are left
+    unnormalised through the value product and the output is divided by their sum after it:
+    one pass less over the ``[B, H, Lq, Lk]`` scores than normalising them first (the max is
+    a constant shift, so it carries no gradient)."""
+    groups = q.shape[2] // k.shape[2]
+    if groups > 1:  # HF's repeat_kv: query head h reads key/value head h // groups
+        k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    peak = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+    weights = jnp.exp(scores - peak)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    total = jnp.moveaxis(jnp.sum(weights, axis=-1), 1, 2)  # [B, Lq, H]
+    return (out / total[..., None]).astype(v.dtype)

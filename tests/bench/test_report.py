@@ -37,19 +37,16 @@ def test_summary_numbers():
 def test_ablation_ladder_adds_one_feature_at_a_time():
     ladder = ablation_ladder()
     assert [v.name for v in ladder] == ["jaxalign/baseline", "jaxalign/+bucketing", "jaxalign/+chunked-logps",
-                                        "jaxalign/+scored-lm-head", "jaxalign/+packing", "jaxalign/+reference-cache"]
-    features = ("bucketing", "chunked_logps", "scored_lm_head", "packing", "reference")
+                                        "jaxalign/+scored-lm-head", "jaxalign/+block-attention", "jaxalign/+packing",
+                                        "jaxalign/+reference-cache"]
+    features = ("bucketing", "chunked_logps", "scored_lm_head", "block_attention", "packing", "reference")
     base = ladder[0]
-    assert tuple(getattr(base, f) for f in features) == (False, False, False, False, "frozen")
+    assert tuple(getattr(base, f) for f in features) == (False, False, False, False, False, "frozen")
     last = ladder[-1]
-    assert tuple(getattr(last, f) for f in features) == (True, True, True, True, "precomputed")
+    assert tuple(getattr(last, f) for f in features) == (True, True, True, True, True, "precomputed")
     for prev, cur in zip(ladder, ladder[1:]):
         changed = [f for f in features if getattr(prev, f) != getattr(cur, f)]
         assert len(changed) == 1, (prev.name, cur.name)
-    with_proposals = ablation_ladder(proposals=True)
-    assert with_proposals[: len(ladder)] == ladder
-    assert [v.block_attention for v in with_proposals[len(ladder):]] == [True]
-    assert not any(v.block_attention for v in ladder)
     assert bucket_ladder(512) == (64, 128, 256, 512)
     assert bucket_ladder(300) == (64, 128, 256, 300)
     assert bucket_ladder(64) == (64,)
