@@ -91,7 +91,8 @@ class Loaders:
 
 
 def build_loaders_from_config(
-    config: Any, tokenizer: Any, *, shard_index: int | None = None, shard_count: int | None = None
+    config: Any, tokenizer: Any, *, shard_index: int | None = None, shard_count: int | None = None,
+    row_multiple: int = 1,
 ) -> Loaders:
     """Train and eval loaders from the trainer's config.
 
@@ -102,6 +103,8 @@ def build_loaders_from_config(
     ``micro_batch_size`` pairs (``batch_size`` when 0): a step consumes
     ``batch_size / micro_batch_size`` of them. Without ``data.eval`` the eval set is
     ``data.eval_pairs`` examples held out of ``data.train`` (seeded by ``config.seed``).
+    Packed rows per batch are a multiple of ``row_multiple`` (the devices that split this
+    process's rows).
     """
     d = config.data
     family = "sft" if config.loss.name == "sft" else "preference"
@@ -119,6 +122,7 @@ def build_loaders_from_config(
     options = dict(
         mask=mask_for_loss(config.loss.name), buckets=tuple(d.buckets), packing=d.packing,
         pack_length=max(d.buckets) if d.packing else None, shard_index=shard_index, shard_count=shard_count,
+        row_multiple=row_multiple,
     )
     train = loader_for(train_set, tokenizer, batch_size=d.micro_batch_size or d.batch_size, train=True,
                        seed=config.seed, shuffle=d.shuffle, **options)

@@ -49,12 +49,13 @@ from jaxalign.train.step import stack_micro_batches
 __all__ = ["RESUMABLE_KEYS", "STATUSES", "RunError", "RunResult", "evaluate", "train"]
 
 # Config keys that may change when a run is resumed: the length of the run, logging cadence,
-# where it runs (mesh, multi-host start-up; the checkpoint is restored onto the new mesh) and
-# the non-finite guard's patience.
+# where it runs (mesh, multi-host start-up; the checkpoint is restored onto the new mesh), the
+# non-finite guard's patience and the reference cache's batch (it changes no number).
 RESUMABLE_KEYS = (
     "steps", "epochs", "log_every", "eval_every", "checkpoint_every", "progress_bar",
     "checkpoint.async_save", "checkpoint.export", "mesh.data", "mesh.fsdp", "mesh.tensor",
-    "max_consecutive_nonfinite", *(f"distributed.{key}" for key in parallel.distributed_config()),
+    "max_consecutive_nonfinite", "reference.cache_batch_size",
+    *(f"distributed.{key}" for key in parallel.distributed_config()),
 )
 CONFIG_FILE = "config.json"
 # How an invocation of ``train`` ended: all steps done; ``stop_at_step`` reached; a signal

@@ -229,6 +229,11 @@ def _cache_batch_size(config: ml_collections.ConfigDict, loader: Loader, mesh: M
     return size
 
 
+def _local_batch_devices(mesh: Mesh, shard_count: int) -> int:
+    """How many devices split one process's rows: the mesh's ``data * fsdp`` over the data shards."""
+    return max(1, mesh.shape["data"] * mesh.shape["fsdp"] // shard_count)
+
+
 def _cache_loader(loader: Loader, batch_size: int, buckets: tuple[int, ...], row_multiple: int) -> Loader:
     """One unshuffled pass over a loader's examples in its layout, ``batch_size`` pairs per batch.
 
@@ -261,7 +266,6 @@ def _reference_caches(
         graphdef=graphdef, sequences_per_pair=run_pieces["sequences_per_pair"], logits_chunk=config.model.logits_chunk
     )
     sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
-    blocks = mesh.shape["data"] * mesh.shape["fsdp"]
     tokenizer = run_pieces["tokenizer"]
     cache_dir = config.reference.cache_dir or os.path.join(workdir, "reference_cache")
     common = {
@@ -300,7 +304,8 @@ def _reference_caches(
         batch_size = _cache_batch_size(config, loader, mesh)
 
         def compute(loader=loader, batch_size=batch_size, split=split) -> ref_cache.ReferenceCache:
-            passes = _cache_loader(loader, batch_size, tuple(config.data.buckets), blocks // loader.shard_count)
+            passes = _cache_loader(loader, batch_size, tuple(config.data.buckets),
+                                   _local_batch_devices(mesh, loader.shard_count))
             bar = tqdm(
                 passes, total=passes.batches_in_epoch(0), desc=f"reference cache ({split})", unit="batch",
                 dynamic_ncols=True, disable=not (is_main and config.progress_bar),
@@ -326,7 +331,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
     tokenizer = load_tokenizer(resolved.model.tokenizer or resolved.model.path)
     shard = parallel.data_shard(mesh)
     try:
-        loaders = build_loaders_from_config(resolved, tokenizer, shard_index=shard.index, shard_count=shard.count)
+        loaders = build_loaders_from_config(resolved, tokenizer, shard_index=shard.index, shard_count=shard.count,
+                                            row_multiple=_local_batch_devices(mesh, shard.count))
     except ValueError as e:
         raise RunError(f"data: {e}") from None
     accum = grad_accum_steps(resolved)

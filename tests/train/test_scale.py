@@ -105,3 +105,17 @@ def test_eight_device_run_resumed_on_one_device_reaches_the_same_end(layout_runs
     assert resumed.resumed_from == 2 and resumed.step == STEPS
     a, b = exported(layout_runs["one_device"]), exported(resumed)
     assert max(float(np.max(np.abs(a[k] - b[k]))) for k in a) <= TOL
+
+
+def test_packed_rows_split_over_the_batch_axes(make_config, metrics_by_step, tmp_path):
+    # The loader rounds its packed rows up to a multiple of the mesh's batch devices (data*fsdp),
+    # so packed training runs on any mesh; two meshes with the same data*fsdp see the same batches.
+    runs = {}
+    for name, (data, fsdp, tensor) in {"data2_fsdp2_tensor2": (2, 2, 2), "data4_tensor2": (4, 1, 2)}.items():
+        config = make_config(**{**COMMON, "mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor,
+                                "data.packing": True, "checkpoint.export": False})
+        runs[name] = train(config, tmp_path / name)
+        assert runs[name].step == STEPS
+    a, b = (train_losses(metrics_by_step, r.workdir) for r in runs.values())
+    np.testing.assert_allclose(a, b, rtol=0, atol=TOL)
+    assert a[-1] < a[0] - 1e-3
