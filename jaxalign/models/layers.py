@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxalign.precision import mixed_einsum
+
 Axes = tuple[str | None, ...]
 
 INIT_STD = 0.02
@@ -122,7 +124,8 @@ class Projection(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum(self.equation, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        # Accumulated in float32 in both passes (jaxalign.precision), then cast.
+        y = mixed_einsum(self.equation, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
-        return y
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
