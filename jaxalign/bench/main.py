@@ -3,8 +3,8 @@
     python tools/bench.py --hidden 512 --layers 8 --heads 8 --vocab 32000 --batch 8 \
         --max-length 512 --json bench.json
 
-Steps: build the workload (``jaxalign.bench.workload``); measure the peak (float32 matmul in
-JAX, plus PyTorch float32/bfloat16 when TRL runs); start one worker per variant and set each
+Steps: build the workload (``jaxalign.bench.workload``); measure the peaks (float32 and
+bfloat16 matmuls in JAX, plus PyTorch float32/bfloat16 when TRL runs); start one worker per variant and set each
 up (compile, warm up); run ``--rounds`` rounds of one ``--steps``-step window per variant,
 round-robin; summarise (``jaxalign.bench.report``), print the tables and write ``--json``.
 """
@@ -29,7 +29,9 @@ from jaxalign.bench.workload import FIXTURE, ModelSpec, build_workload
 
 __all__ = ["GROUPS", "OURS_VARIANTS", "TRL_VARIANTS", "main", "parse_args", "run_bench"]
 
-HEADLINE = "jaxalign/+reference-cache"  # every feature the trainer has today
+HEADLINE = "jaxalign/+bfloat16"  # every feature, bfloat16 compute: compared with TRL's default (bf16 autocast)
+HEADLINE_FLOAT32 = "jaxalign/+reference-cache"  # every feature in float32: compared with trl/float32
+CACHE_OFF = "jaxalign/+packing"  # = HEADLINE_FLOAT32 with the reference forward in the step
 OURS_VARIANTS: dict[str, OursVariant] = {v.name: v for v in ablation_ladder()}
 TRL_VARIANTS: dict[str, TRLVariant] = {v.name: v for v in (
     TRLVariant("trl/default"),
@@ -41,7 +43,7 @@ TRL_VARIANTS: dict[str, TRLVariant] = {v.name: v for v in (
 GROUPS: dict[str, tuple[str, ...]] = {
     "ladder": tuple(v.name for v in ablation_ladder()),
     "trl": ("trl/default", "trl/float32"),
-    "headline": ("jaxalign/+packing", HEADLINE, "trl/default", "trl/float32"),
+    "headline": (CACHE_OFF, HEADLINE_FLOAT32, HEADLINE, "trl/default", "trl/float32"),
 }
 
 
@@ -55,8 +57,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--batch", type=int, default=8, help="pairs per step")
     p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="jaxalign compute dtype (parameters stay float32); bfloat16 for GPUs/TPUs")
     p.add_argument("--data", default=str(FIXTURE), help="HH-RLHF (or standard-format) pairs; default: the fixture")
     p.add_argument("--variants", default="ladder,trl",
                    help=f"comma-separated variants or groups; variants: {', '.join([*OURS_VARIANTS, *TRL_VARIANTS])}; "
@@ -113,8 +113,8 @@ def _reference_cache(variants: dict[str, Any]) -> dict[str, float] | None:
     """Epoch time with the reference in the step (``+packing``) vs from the cache
     (``+reference-cache``, same other features); the cache build is the extra ``prepare`` time
     of the variant that built it over ``+packing``'s (includes compiling the reference forward)."""
-    cached = variants.get(HEADLINE)
-    frozen = variants.get("jaxalign/+packing")
+    cached = variants.get(HEADLINE_FLOAT32)
+    frozen = variants.get(CACHE_OFF)
     if not cached or not frozen:
         return None
     pairs = cached["setup"]["pairs_per_epoch"]
@@ -136,8 +136,7 @@ def _workers(names: list[str], args: argparse.Namespace, workload: dict[str, Any
     for name in names:
         run_dir = str(workdir / "runs" / name.replace("/", "_").replace("+", ""))
         if name in OURS_VARIANTS:
-            variant = dataclasses.replace(OURS_VARIANTS[name], dtype=args.dtype)
-            kwargs = {**common, "variant": variant, "workdir": run_dir,
+            kwargs = {**common, "variant": OURS_VARIANTS[name], "workdir": run_dir,
                       "cache_dir": str(workdir / "reference_cache")}
             out.append(Worker(name, serve_ours, kwargs, timeout_s=args.timeout))
         else:
@@ -184,17 +183,23 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         peak_worker.stop()
     if peaks_before["backend"] == "cpu":
-        peak = max(peaks_before["jax_float32"]["flops_per_s"], peaks_after["jax_float32"]["flops_per_s"])
-        peak_source = "measured float32 matmul, JAX, best of before/after"
+        peaks_used = {d: max(peaks_before[f"jax_{d}"]["flops_per_s"], peaks_after[f"jax_{d}"]["flops_per_s"])
+                      for d in ("float32", "bfloat16")}
+        peak_source = "measured JAX matmuls, best of before/after"
     else:
-        peak = peaks_before["vendor"]["bfloat16"] or peaks_before["jax_float32"]["flops_per_s"]
-        peak_source = f"vendor bfloat16 dense peak of {peaks_before['device_kind']}"
+        vendor = peaks_before["vendor"]
+        peaks_used = {"float32": vendor["tf32"] or peaks_before["jax_float32"]["flops_per_s"],
+                      "bfloat16": vendor["bfloat16"] or peaks_before["jax_bfloat16"]["flops_per_s"]}
+        peak_source = f"vendor dense peaks of {peaks_before['device_kind']} (tf32 for float32)"
+    precision = {n: OURS_VARIANTS[n].dtype if n in OURS_VARIANTS else
+                 ("bfloat16" if TRL_VARIANTS[n].bf16 else "float32") for n in names}
     kinds = {n: "jaxalign" if n in OURS_VARIANTS else "trl" for n in names}
     on_the_fly = {n: (OURS_VARIANTS.get(n) or TRL_VARIANTS[n]).on_the_fly_reference for n in names}
     ours_present = [n for n in names if n in OURS_VARIANTS]
     headline = HEADLINE if HEADLINE in names else (ours_present[-1] if ours_present else None)
     result = summarize(
-        raw, kinds=kinds, on_the_fly=on_the_fly, flop_params=counts.flop_params, peak_flops_per_s=peak,
+        raw, kinds=kinds, on_the_fly=on_the_fly, flop_params=counts.flop_params,
+        peak_flops_per_s={n: peaks_used[precision[n]] for n in names}, headline_float32=HEADLINE_FLOAT32,
         unembedding_params=counts.unembedding,
         ladder=list(OURS_VARIANTS), headline=headline,
         trl_default="trl/default" if "trl/default" in names else None,
@@ -203,13 +208,13 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     windows_load = [w["loadavg_1m"] for r in raw.values() for w in r["windows"]]
     result.update(
         reference_cache=_reference_cache(result["variants"]),
-        peak_flops_per_s=peak, peak_source=peak_source,
+        peaks_used=peaks_used, peak_source=peak_source,
         peaks={"before": peaks_before, "after": peaks_after},
         flops={**dataclasses.asdict(counts), "flop_params": counts.flop_params,
                "convention": "6N policy fwd+bwd + 2N on-the-fly reference per real token; N = decoder blocks "
                              "+ final norm + hidden*vocab (LM-head matmul); input embedding excluded"},
         workload=wl, trl_skipped=skipped,
-        settings={"batch": args.batch, "dtype": args.dtype, "max_length": args.max_length, "rounds": args.rounds,
+        settings={"batch": args.batch, "max_length": args.max_length, "rounds": args.rounds,
                   "steps": args.steps,
                   "warmup_steps": args.warmup_steps, "torch_threads": args.threads,
                   "xla_flags": os.environ.get("XLA_FLAGS", ""), "variants": names, "seed": args.seed,

@@ -37,7 +37,7 @@ class OursVariant:
     packing: bool = False  # several sequences per row (segment ids)
     bucketing: bool = True  # pad each batch to the smallest bucket that fits (else to max_length)
     chunked_logps: bool = True  # log-probs from hidden states in chunks (else one [R, L, V] chunk)
-    dtype: str = "float32"  # compute dtype
+    dtype: str = "float32"  # compute dtype (model.dtype; parameters and optimizer stay float32)
     remat: str = "none"  # per-layer rematerialisation policy
     scored_lm_head: bool = True  # unembedding only at scored positions (else every position, as before)
     block_attention: bool = True  # query blocks over their causal key prefix (else one full score matrix)
@@ -58,7 +58,8 @@ def bucket_ladder(max_length: int, smallest: int = 64) -> tuple[int, ...]:
 
 def ablation_ladder() -> list[OursVariant]:
     """The trainer's throughput features switched on one at a time, each variant adding one
-    to the previous; the last is the trainer as it runs by default."""
+    to the previous: ``+reference-cache`` has every feature in float32, ``+bfloat16`` computes
+    in bfloat16 (float32 master weights, log-softmax and loss), like TRL's default autocast."""
     base = OursVariant("jaxalign/baseline", bucketing=False, chunked_logps=False, scored_lm_head=False,
                        block_attention=False)
     steps = [
@@ -68,6 +69,7 @@ def ablation_ladder() -> list[OursVariant]:
         ("jaxalign/+block-attention", {"block_attention": True}),
         ("jaxalign/+packing", {"packing": True}),
         ("jaxalign/+reference-cache", {"reference": "precomputed"}),
+        ("jaxalign/+bfloat16", {"dtype": "bfloat16"}),
     ]
     out = [base]
     for name, change in steps:

@@ -44,7 +44,8 @@ def measured_matmul_peak(n: int = 3072, dtype: str = "float32", repeats: int = 5
         raise ValueError(f"measured_matmul_peak needs n >= 1 and repeats >= 1, got n={n}, repeats={repeats}")
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.dtype(dtype))
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.dtype(dtype))
-    matmul = jax.jit(lambda x, y: x @ y)
+    # Low-precision operands accumulate in float32, as the trainer's products do (jaxalign.precision).
+    matmul = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.promote_types(x.dtype, jnp.float32)))
     matmul(a, b).block_until_ready()
     times = []
     for _ in range(repeats):
@@ -77,8 +78,8 @@ def torch_matmul_peak(n: int = 3072, dtype: str = "float32", repeats: int = 5) -
 
 
 class PeakBench:
-    """Worker measuring the peaks on ``setup`` and on each ``window`` request (JAX float32;
-    PyTorch float32/bfloat16 if asked)."""
+    """Worker measuring the peaks on ``setup`` and on each ``window`` request (JAX float32 and
+    bfloat16 with float32 accumulation; PyTorch float32/bfloat16 if asked)."""
 
     def __init__(self, *, n: int, repeats: int, torch_threads: int | None):
         self.n, self.repeats, self.torch_threads = n, repeats, torch_threads
@@ -87,6 +88,7 @@ class PeakBench:
         import jax
 
         out = {"jax_float32": measured_matmul_peak(self.n, "float32", self.repeats),
+               "jax_bfloat16": measured_matmul_peak(self.n, "bfloat16", self.repeats),
                "device_kind": jax.devices()[0].device_kind, "backend": jax.default_backend()}
         if out["backend"] != "cpu":
             out["vendor"] = {d: vendor_peak(out["device_kind"], d) for d in ("bfloat16", "tf32", "float32")}

@@ -4,7 +4,8 @@ Per variant (windows ``w``): ``pairs_per_s = sum(pairs_w) / sum(seconds_w)`` and
 ``tokens_per_s`` (real, non-padding tokens of chosen and rejected rows, prompts included);
 ``model_flops_per_s = (6 + 2 * on_the_fly_reference) * N * tokens_per_s``
 (``jaxalign.bench.flops``) and ``mfu = model_flops_per_s / peak``, with ``peak`` the
-measured float32 matmul peak of JAX on this CPU (the vendor's peak on an accelerator).
+variant's own: the measured JAX matmul peak on this CPU in the precision the variant
+computes in (float32, or bfloat16 with float32 accumulation), the vendor's on an accelerator.
 ``padding_efficiency = real tokens / row slots`` (what share of the computed positions is
 real). The spread over windows is reported as min / median / max pairs/s.
 
@@ -69,18 +70,23 @@ def summarize(
     kinds: dict[str, str],
     on_the_fly: dict[str, bool],
     flop_params: int,
-    peak_flops_per_s: float,
+    peak_flops_per_s: dict[str, float],
     unembedding_params: int = 0,
     ladder: list[str],
     headline: str | None,
     trl_default: str | None,
     trl_float32: str | None,
+    headline_float32: str | None = None,
 ) -> dict[str, Any]:
-    """The result dict: per-variant numbers, the headline, ratios vs TRL and the ablation factors."""
+    """The result dict: per-variant numbers, the headline, ratios vs TRL and the ablation factors.
+
+    ``peak_flops_per_s``: each variant's MFU denominator. ``ratio_vs_trl`` is ``headline`` over
+    ``trl_default``; ``ratio_vs_trl_float32`` is ``headline_float32`` (default ``headline``)
+    over ``trl_float32``, so that each compares trainers computing in the same precision."""
     variants = {
-        name: {"kind": kinds[name],
+        name: {"kind": kinds[name], "peak_flops_per_s": peak_flops_per_s[name],
                **_variant_numbers(r, flop_params=flop_params, unembedding_params=unembedding_params,
-                                  on_the_fly=on_the_fly[name], peak=peak_flops_per_s)}
+                                  on_the_fly=on_the_fly[name], peak=peak_flops_per_s[name])}
         for name, r in raw.items()
     }
     out: dict[str, Any] = {"variants": variants}
@@ -90,9 +96,11 @@ def summarize(
                    mfu=h["mfu"], model_flops_per_s=h["model_flops_per_s"], peak_rss_bytes=h["peak_rss_bytes"],
                    compile_s=h["compile_s"])
     ratios: dict[str, float] = {}
-    for trl_name, key in ((trl_default, "ratio_vs_trl"), (trl_float32, "ratio_vs_trl_float32")):
-        if headline is not None and trl_name is not None and trl_name in variants:
-            out[key] = variants[headline]["pairs_per_s"] / variants[trl_name]["pairs_per_s"]
+    float32_headline = headline_float32 if headline_float32 in variants else headline
+    for trl_name, key, ours in ((trl_default, "ratio_vs_trl", headline),
+                                (trl_float32, "ratio_vs_trl_float32", float32_headline)):
+        if ours is not None and trl_name is not None and trl_name in variants:
+            out[key] = variants[ours]["pairs_per_s"] / variants[trl_name]["pairs_per_s"]
             out["trl_variant" if key == "ratio_vs_trl" else "trl_float32_variant"] = trl_name
             for name, v in variants.items():
                 if v["kind"] == "jaxalign":
@@ -123,8 +131,9 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"model: hidden {s['hidden']}, layers {s['layers']}, heads {s['heads']}, vocab {s['vocab']}, "
         f"N = {result['flops']['flop_params'] / 1e6:.1f}M (6N convention), batch {result['settings']['batch']} pairs, "
-        f"max_length {w['max_length']}; peak {result['peak_flops_per_s'] / 1e9:.0f} GFLOP/s "
-        f"({result['peak_source']}); load average during windows {result['load']['windows_mean']:.2f} "
+        f"max_length {w['max_length']}; peaks (MFU denominators) "
+        + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in result["peaks_used"].items())
+        + f" ({result['peak_source']}); load average during windows {result['load']['windows_mean']:.2f} "
         f"(max {result['load']['windows_max']:.2f})",
         "",
         "| variant | pairs/s (min-max) | tokens/s | s/step | MFU | MFU (scored head) | padding eff. | peak RSS "

@@ -17,7 +17,7 @@ TINY = ["--hidden", "32", "--layers", "1", "--heads", "2", "--vocab", "6016", "-
 @pytest.fixture(scope="module")
 def bench_result(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
-    variants = "jaxalign/+packing,jaxalign/+reference-cache" + ("" if TRL_REASON else ",trl/default")
+    variants = "jaxalign/+packing,jaxalign/+reference-cache,jaxalign/+bfloat16" + ("" if TRL_REASON else ",trl/default")
     path = root / "out.json"
     assert main([*TINY, "--variants", variants, "--workdir", str(root / "work"), "--json", str(path),
                  "--markdown", str(root / "tables.md")]) == 0
@@ -30,7 +30,9 @@ def test_json_has_the_documented_keys_and_consistent_numbers(bench_result):
         assert key in result and result[key] > 0, key
     assert set(HEADLINE_KEYS) - {"ratio_vs_trl_float32"} - ({"ratio_vs_trl", "trl_variant"} if TRL_REASON else set()) \
         <= set(result)
-    assert result["headline_variant"] == "jaxalign/+reference-cache"
+    assert result["headline_variant"] == "jaxalign/+bfloat16"
+    assert result["peaks_used"]["bfloat16"] > 0 and result["peaks_used"]["float32"] > 0
+    assert result["variants"]["jaxalign/+bfloat16"]["peak_flops_per_s"] == result["peaks_used"]["bfloat16"]
     assert 0 < result["mfu"] < 1  # useful FLOPs can never exceed the measured peak
     for name, v in result["variants"].items():
         assert v["measured_steps"] == 2, name
@@ -54,7 +56,7 @@ def test_json_has_the_documented_keys_and_consistent_numbers(bench_result):
 def test_trl_ran_side_by_side(bench_result):
     result, _ = bench_result
     trl = result["variants"]["trl/default"]
-    ours = result["variants"]["jaxalign/+reference-cache"]
+    ours = result["variants"]["jaxalign/+bfloat16"]  # the same precision as TRL's default
     assert trl["kind"] == "trl" and trl["measured_steps"] == 2
     assert trl["setup"]["mixed_precision"] == "bf16"  # TRL's default on CPU with use_cpu=True
     assert result["ratio_vs_trl"] == pytest.approx(ours["pairs_per_s"] / trl["pairs_per_s"])
