@@ -18,11 +18,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from jaxalign.data.dataset import DataReport, read_records
-from jaxalign.data.encoding import EncodedPair, Encoder
+from jaxalign.data.encoding import Encoder
 from jaxalign.data.formats import FORMATS, KeyMap
 from jaxalign.data.records import BadRecord, FieldError, PreferenceRecord, SFTRecord
 from jaxalign.data.sources import SourceError, resolve_source
-from jaxalign.data.truncation import TRUNCATION_MODES, check_limits, truncate_example, truncate_pair
+from jaxalign.data.truncation import TRUNCATION_MODES, check_limits, truncate
 
 EXIT_CLEAN, EXIT_BAD_RECORDS, EXIT_USAGE = 0, 1, 2
 
@@ -56,13 +56,10 @@ def _token_report(records, tokenizer, args, report: DataReport, out) -> None:
     lengths: dict[str, list[int]] = {"prompt": [], "completion (chosen)": [], "completion (rejected)": [], "sequence": []}
     dropped = cut = kept = 0
     for record in records:
+        if not isinstance(record, (PreferenceRecord, SFTRecord)):
+            continue  # prompt-only records are checked for sampling, not for training lengths
         try:
-            if isinstance(record, PreferenceRecord):
-                example = encoder.encode_pair(record)
-            elif isinstance(record, SFTRecord):
-                example = encoder.encode_sft(record)
-            else:
-                continue
+            example = encoder.encode(record)
         except FieldError as e:
             report.bad.append(BadRecord(record.file, record.line, e.field, e.problem))
             continue
@@ -73,7 +70,6 @@ def _token_report(records, tokenizer, args, report: DataReport, out) -> None:
         if len(seqs) > 1:
             lengths["completion (rejected)"].append(seqs[1].completion_len)
         lengths["sequence"] += [len(s) for s in seqs]
-        truncate = truncate_pair if isinstance(example, EncodedPair) else truncate_example
         after = truncate(example, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
                          mode=args.truncation_mode)
         if after is None:

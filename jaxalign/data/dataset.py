@@ -27,7 +27,7 @@ from jaxalign.data.records import (
     SFTRecord,
 )
 from jaxalign.data.sources import iter_rows
-from jaxalign.data.truncation import check_limits, truncate_example, truncate_pair
+from jaxalign.data.truncation import check_limits, truncate
 
 __all__ = ["DataReport", "EncodedDataset", "encode_records", "load_dataset", "read_records"]
 
@@ -115,16 +115,10 @@ def encode_records(
     out: list[Example] = []
     for record in records:
         try:
-            if isinstance(record, PreferenceRecord):
-                example = encoder.encode_pair(record)
-            elif isinstance(record, SFTRecord):
-                example = encoder.encode_sft(record)
-            else:
-                raise FieldError("prompt", "a prompt-only record has no completion to train on")
+            example = encoder.encode(record)
         except FieldError as e:
             report.add_bad(BadRecord(record.file, record.line, e.field, e.problem), on_bad_record)
             continue
-        truncate = truncate_pair if isinstance(example, EncodedPair) else truncate_example
         kept = truncate(example, max_length=max_length, max_prompt_length=max_prompt_length, mode=truncation_mode)
         if kept is None:
             report.dropped["no completion token left"] += 1

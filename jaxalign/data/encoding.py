@@ -188,6 +188,15 @@ class Encoder:
     def encode_sft(self, record: SFTRecord) -> EncodedExample:
         return EncodedExample(self.encode_sequence(record.prompt, record.completion, "completion"), record.index)
 
+    def encode(self, record: PreferenceRecord | SFTRecord | PromptRecord) -> EncodedPair | EncodedExample:
+        """A training example: a pair from a preference record, an example from an SFT record;
+        a prompt-only record has nothing to train on (``FieldError``)."""
+        if isinstance(record, PreferenceRecord):
+            return self.encode_pair(record)
+        if isinstance(record, SFTRecord):
+            return self.encode_sft(record)
+        raise FieldError("prompt", "a prompt-only record has no completion to train on")
+
     def encode_prompt(self, record: PromptRecord) -> np.ndarray:
         """Prompt ids (with BOS and the generation prompt) for sampling."""
         prompt_text, _ = self._render(record.prompt, None, "prompt")

@@ -23,7 +23,7 @@ import numpy as np
 
 from jaxalign.data.encoding import EncodedExample, EncodedPair, EncodedSequence
 
-__all__ = ["TRUNCATION_MODES", "check_limits", "truncate_example", "truncate_pair", "truncate_sequence"]
+__all__ = ["TRUNCATION_MODES", "check_limits", "truncate", "truncate_example", "truncate_pair", "truncate_sequence"]
 
 TruncationMode = Literal["keep_start", "keep_end"]
 TRUNCATION_MODES = ("keep_start", "keep_end")
@@ -107,3 +107,12 @@ def truncate_example(
 ) -> EncodedExample | None:
     out = _truncate_shared((example.sequence,), max_length=max_length, max_prompt_length=max_prompt_length, mode=mode)
     return None if out is None else replace(example, sequence=out[0])
+
+
+def truncate(
+    example: EncodedPair | EncodedExample, *, max_length: int, max_prompt_length: int | None = None,
+    mode: TruncationMode = "keep_start",
+) -> EncodedPair | EncodedExample | None:
+    """``truncate_pair`` or ``truncate_example``, by the example's kind."""
+    cut = truncate_pair if isinstance(example, EncodedPair) else truncate_example
+    return cut(example, max_length=max_length, max_prompt_length=max_prompt_length, mode=mode)
