@@ -176,12 +176,11 @@ def token_logps_from_hidden(
         scored = _next_tokens(loss_mask) > 0
         order = jnp.argsort(jnp.logical_not(scored), axis=1, stable=True)
         count = jnp.max(jnp.sum(scored, axis=1, dtype=jnp.int32))
-        rows, length = labels.shape
-        flat = (order + length * jnp.arange(rows, dtype=order.dtype)[:, None]).reshape(-1)
-        sorted_hidden = hidden.reshape(rows * length, -1)[flat].reshape(hidden.shape)
-        sorted_labels = labels.reshape(-1)[flat].reshape(labels.shape)
+        # Row-wise gathers keep the batch axis, so a batch sharded over devices stays sharded.
+        sorted_hidden = jnp.take_along_axis(hidden, order[..., None], axis=1)
+        sorted_labels = jnp.take_along_axis(labels, order, axis=1)
         by_rank = _map_over_sequence(chunk_logps, (sorted_hidden, sorted_labels), chunk_size, active=count)
-        predicted = jnp.zeros((rows * length,), by_rank.dtype).at[flat].set(by_rank.reshape(-1)).reshape(rows, length)
+        predicted = jnp.take_along_axis(by_rank, jnp.argsort(order, axis=1), axis=1)
         predicted = jnp.where(scored, predicted, jnp.zeros_like(predicted))
     return _label_align("token_logps_from_hidden", predicted, segment_ids)
 
