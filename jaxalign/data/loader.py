@@ -90,19 +90,31 @@ class Loader:
         self.seqs_per_slot = len(self.lengths[0])
         self.max_len = np.asarray([max(x) for x in self.lengths])
         self.fingerprint = dataset.fingerprint()
+        self.buckets = tuple(sorted(buckets))
+        self.row_multiple = row_multiple
         self.packing = packing
         if packing:
             self.pack_length = pack_length or bucket_length(int(self.max_len.max()), buckets)
             if int(self.max_len.max()) > self.pack_length:
                 raise ValueError(f"pack_length {self.pack_length} is shorter than the longest sequence {self.max_len.max()}")
             self.pack_rows = pack_rows or self.default_pack_rows(row_multiple)
-        else:
-            self.buckets = tuple(sorted(buckets))
-            if int(self.max_len.max()) > self.buckets[-1]:
-                raise ValueError(f"the longest sequence ({self.max_len.max()}) exceeds the largest bucket {self.buckets[-1]}")
+        elif int(self.max_len.max()) > self.buckets[-1]:
+            raise ValueError(f"the longest sequence ({self.max_len.max()}) exceeds the largest bucket {self.buckets[-1]}")
         self._epoch, self._batch = 0, 0
         self._plan_epoch: int | None = None
         self._plan: tuple[np.ndarray, list, int] | None = None
+
+    def with_examples(self, examples: list, **changes: Any) -> Loader:
+        """A loader with this one's settings (shards, layout, order, mask, ...) over other
+        examples; ``changes`` override settings by their constructor name. Packed rows are
+        sized again for the new examples (with the same ``row_multiple``)."""
+        settings: dict[str, Any] = dict(
+            batch_size=self.batch_size, pad_id=self.pad_id, seed=self.seed, shuffle=self.shuffle,
+            num_epochs=self.num_epochs, mask=self.mask, buckets=self.buckets, packing=self.packing,
+            pack_length=self.pack_length if self.packing else None, row_multiple=self.row_multiple,
+            shard_index=self.shard_index, shard_count=self.shard_count,
+        )
+        return Loader(EncodedDataset(examples, self.report), **{**settings, **changes})
 
     # -- shapes ---------------------------------------------------------------------------
 

@@ -23,7 +23,6 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxalign import models, parallel
-from jaxalign.data.dataset import EncodedDataset
 from jaxalign.data.loader import Loader
 from jaxalign.data.pipeline import build_loaders_from_config, mask_for_loss
 from jaxalign.data.sources import resolve_source
@@ -163,16 +162,6 @@ def _load_model(config: ml_collections.ConfigDict, path: str, mesh: Mesh) -> nnx
         raise RunError(f"loading {path}: {e}") from None
 
 
-def _with_examples(loader: Loader, examples: list, buckets: tuple[int, ...]) -> Loader:
-    """The same loader (order, shards, layout) over other examples with the same indices."""
-    return Loader(
-        EncodedDataset(examples, loader.report), batch_size=loader.batch_size, pad_id=loader.pad_id,
-        seed=loader.seed, shuffle=loader.shuffle, num_epochs=loader.num_epochs, mask=loader.mask, buckets=buckets,
-        packing=loader.packing, pack_length=loader.pack_length if loader.packing else None,
-        shard_index=loader.shard_index, shard_count=loader.shard_count,
-    )
-
-
 def _with_calibration_samples(
     config: ml_collections.ConfigDict, workdir: str, loaders: dict[str, Loader | None], tokenizer: Any,
     reference: tuple[nnx.GraphDef, Any], is_main: bool,
@@ -205,9 +194,7 @@ def _with_calibration_samples(
 
         samples = calibration.load_or_sample(os.path.join(cache_dir, f"calibration-{key}.npz"), sample, write=is_main)
         parallel.barrier(f"calibration-{split}")
-        out[split] = _with_examples(
-            loader, calibration.attach_samples(loader.examples, samples), tuple(config.data.buckets)
-        )
+        out[split] = loader.with_examples(calibration.attach_samples(loader.examples, samples))
     return out
 
 
@@ -234,24 +221,20 @@ def _local_batch_devices(mesh: Mesh, shard_count: int) -> int:
     return max(1, mesh.shape["data"] * mesh.shape["fsdp"] // shard_count)
 
 
-def _cache_loader(loader: Loader, batch_size: int, buckets: tuple[int, ...], row_multiple: int) -> Loader:
+def _cache_loader(loader: Loader, batch_size: int) -> Loader:
     """One unshuffled pass over a loader's examples in its layout, ``batch_size`` pairs per batch.
 
     Packed (``loader.packing``): rows of the loader's ``pack_length``, as many as the loader's
     rule gives for ``batch_size`` pairs (``ceil(mean tokens per pair * pairs per shard /
-    pack_length) + 1``, rounded up to ``row_multiple`` so that the rows split over the mesh).
-    Padded: the examples sorted by length, so that each batch pads to the smallest bucket that
-    fits similar lengths. The order does not matter: the sums are keyed by ``example_index``.
+    pack_length) + 1``, rounded up to the loader's ``row_multiple`` so that the rows split over
+    the mesh). Padded: the examples sorted by length, so that each batch pads to the smallest
+    bucket that fits similar lengths. The order does not matter: the sums are keyed by
+    ``example_index``.
     """
     examples = loader.examples
     if not loader.packing:
         examples = sorted(examples, key=lambda e: max(len(s) for s in e.sequences))
-    return Loader(
-        EncodedDataset(examples, loader.report), batch_size=batch_size, pad_id=loader.pad_id,
-        shuffle=False, num_epochs=1, mask=loader.mask, buckets=buckets, packing=loader.packing,
-        pack_length=loader.pack_length if loader.packing else None, row_multiple=row_multiple,
-        shard_index=loader.shard_index, shard_count=loader.shard_count,
-    )
+    return loader.with_examples(examples, batch_size=batch_size, shuffle=False, num_epochs=1)
 
 
 def _reference_caches(
@@ -304,8 +287,7 @@ def _reference_caches(
         batch_size = _cache_batch_size(config, loader, mesh)
 
         def compute(loader=loader, batch_size=batch_size, split=split) -> ref_cache.ReferenceCache:
-            passes = _cache_loader(loader, batch_size, tuple(config.data.buckets),
-                                   _local_batch_devices(mesh, loader.shard_count))
+            passes = _cache_loader(loader, batch_size)
             bar = tqdm(
                 passes, total=passes.batches_in_epoch(0), desc=f"reference cache ({split})", unit="batch",
                 dynamic_ncols=True, disable=not (is_main and config.progress_bar),

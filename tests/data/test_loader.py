@@ -170,3 +170,19 @@ def test_sft_loader(bpe_tokenizer, tmp_path):
     with pytest.raises(ValueError, match="no usable examples"):
         build_loader(str(path), bpe_tokenizer, batch_size=4, max_length=32, max_prompt_length=16,
                      on_bad_record="skip", shard_index=0, shard_count=1)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_with_examples_keeps_the_settings_and_sizes_packed_rows_again(packing):
+    kw = {"batch_size": 4, "pad_id": 0, "seed": 7, "buckets": (16, 32, 64), "row_multiple": 3}
+    if packing:
+        kw.update(packing=True, pack_length=64)
+    loader = Loader(_dataset(), shard_index=1, shard_count=2, **kw)
+    same = loader.with_examples(loader.examples)
+    _same(_take(same, 3), _take(loader, 3))  # same settings, same examples: the same batches
+    longer = loader.with_examples(_dataset(seed=3).examples, batch_size=8, shuffle=False)
+    assert (longer.batch_size, longer.shuffle, longer.seed, longer.shard_index, longer.shard_count) == (8, False, 7, 1, 2)
+    assert longer.buckets == (16, 32, 64) and longer.row_multiple == 3
+    if packing:
+        assert longer.pack_length == 64 and longer.pack_rows % 3 == 0
+        assert longer.pack_rows == longer.default_pack_rows(3)  # sized for its own examples and batch

@@ -109,8 +109,8 @@ def test_cache_pass_covers_every_example_once_over_shards(make_config, tiny_mode
     seen: list[int] = []
     counts = set()
     for shard in range(2):
-        train = build_loaders_from_config(config, tokenizer, shard_index=shard, shard_count=2).train
-        passes = _cache_loader(train, 16, tuple(config.data.buckets), row_multiple=2)
+        train = build_loaders_from_config(config, tokenizer, shard_index=shard, shard_count=2, row_multiple=2).train
+        passes = _cache_loader(train, 16)
         counts.add(passes.batches_in_epoch(0))
         for batch in passes:
             assert batch["pair_mask"].shape == (8,)
@@ -142,10 +142,10 @@ def test_cache_loader_sorts_padded_examples_and_keeps_packed_order(make_config, 
     tokenizer = load_tokenizer(tiny_model_dir)
     padded = build_loaders_from_config(make_config(**{"data.eval_pairs": 0}), tokenizer, shard_index=0,
                                        shard_count=1).train
-    lengths = [max(len(s) for s in e.sequences) for e in _cache_loader(padded, 16, (64,), 1).examples]
+    lengths = [max(len(s) for s in e.sequences) for e in _cache_loader(padded, 16).examples]
     assert lengths == sorted(lengths) and lengths != [max(len(s) for s in e.sequences) for e in padded.examples]
     packed = build_loaders_from_config(make_config(**{"data.eval_pairs": 0, "data.packing": True}), tokenizer,
-                                       shard_index=0, shard_count=1).train
-    loader = _cache_loader(packed, 16, (64,), 3)
+                                       shard_index=0, shard_count=1, row_multiple=3).train
+    loader = _cache_loader(packed, 16)
     assert loader.packing and loader.pack_length == packed.pack_length and loader.pack_rows % 3 == 0
     assert loader.pack_rows > packed.pack_rows  # rows for 16 pairs, not the train loader's 4
