@@ -221,6 +221,15 @@ def _nonfinite_message(step: int, consecutive: int, limit: int, path: str) -> st
     )
 
 
+def _show(progress: Progress, train_metrics: dict[str, float], eval_metrics: dict[str, float]) -> None:
+    """The progress bar's postfix: the last logged loss and tokens/s, and the shown eval metrics."""
+    progress.show({
+        "loss": train_metrics.get("loss", float("nan")),
+        "tokens/s": train_metrics.get("tokens_per_second", float("nan")),
+        **{k: v for k, v in eval_metrics.items() if k in _SHOWN},
+    })
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None) -> RunResult:
     """Trains (or resumes) the run of ``config`` in ``workdir``; see the module docstring.
 
@@ -288,10 +297,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
                     train_metrics.update(progress.rates(step))
                     window = []
                     log.write(step, train_metrics)
-                    progress.show({
-                        "loss": train_metrics["loss"], "tokens/s": train_metrics["tokens_per_second"],
-                        **{k: v for k, v in eval_metrics.items() if k in _SHOWN},
-                    })
+                    _show(progress, train_metrics, eval_metrics)
                 if status != "finished":  # save synchronously, then leave
                     checkpoints.save(step, state, {"loader": run.train_loader.get_state(), "step": step})
                     checkpoints.wait()
@@ -306,11 +312,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
                 if run.eval_loader is not None and (eval_due or (checkpoint_due and c.checkpoint.keep_best)):
                     eval_metrics = evaluate(run, state.params)
                     log.write(step, eval_metrics)
-                    progress.show({
-                        "loss": train_metrics.get("loss", float("nan")),
-                        "tokens/s": train_metrics.get("tokens_per_second", float("nan")),
-                        **{k: v for k, v in eval_metrics.items() if k in _SHOWN},
-                    })
+                    _show(progress, train_metrics, eval_metrics)
                 if checkpoint_due:
                     meta = {"loader": run.train_loader.get_state(), "step": step}
                     checkpoints.save(step, state, meta, eval_metrics if eval_due or c.checkpoint.keep_best else None)
