@@ -248,7 +248,6 @@ def _reference_caches(
     reference_fn = make_reference_fn(
         graphdef=graphdef, sequences_per_pair=run_pieces["sequences_per_pair"], logits_chunk=config.model.logits_chunk
     )
-    sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
     tokenizer = run_pieces["tokenizer"]
     cache_dir = config.reference.cache_dir or os.path.join(workdir, "reference_cache")
     common = {
@@ -263,14 +262,9 @@ def _reference_caches(
         "format": config.data.format,
     }
 
-    def sums(batch: dict[str, np.ndarray], count: int) -> jax.Array:
-        arrays = {
-            k: jax.make_array_from_process_local_data(
-                sharding, np.asarray(batch[k]), (batch[k].shape[0] * count, *batch[k].shape[1:])
-            )
-            for k in ("input_ids", "positions", "segment_ids", "loss_mask", "sequence_ids", "pair_mask")
-        }
-        return reference_fn(params, arrays)
+    def sums(batch: dict[str, np.ndarray]) -> jax.Array:
+        keys = ("input_ids", "positions", "segment_ids", "loss_mask", "sequence_ids", "pair_mask")
+        return reference_fn(params, parallel.global_batch({k: batch[k] for k in keys}, mesh))
 
     caches = {}
     for split, loader, spec in (
@@ -292,7 +286,7 @@ def _reference_caches(
                 passes, total=passes.batches_in_epoch(0), desc=f"reference cache ({split})", unit="batch",
                 dynamic_ncols=True, disable=not (is_main and config.progress_bar),
             )
-            return ref_cache.compute_cache(bar, lambda batch: sums(batch, loader.shard_count))
+            return ref_cache.compute_cache(bar, sums)
 
         expected = np.asarray([e.index for e in loader.examples], np.int64)
         try:
