@@ -134,7 +134,9 @@ def token_logps_from_hidden(
 
     ``logits = hidden @ unembedding`` (``[B, L, D] @ [D, V]``, accumulated in float32) is only
     ever formed for ``chunk_size`` positions at a time, in the forward and the backward pass, so
-    the memory peak is ``O(B * chunk_size * V)`` instead of ``O(B * L * V)``.
+    the memory peak is ``O(B * chunk_size * V)`` instead of ``O(B * L * V)``. With bfloat16 (or
+    float16) hidden states the product runs in that dtype (``mixed_einsum``); pass a float32
+    ``unembedding`` to have its gradient accumulated over the chunks in float32.
 
     With ``loss_mask`` only the tokens it scores (``loss_mask > 0``) are computed; every other
     token gets 0. Each row's predicting positions are stably sorted so that the scored ones come
@@ -157,8 +159,12 @@ def token_logps_from_hidden(
         # XLA:CPU: in float32 one 2-D matmul is ~1.2x faster than [B, C, D] x [D, V]; in
         # bfloat16 keeping [B, C, D] gives the weight gradient two contracted dims, the form
         # that reaches the bfloat16 (AMX) kernels (3x faster than the 2-D form).
+        # Low-precision hidden states: the unembedding is cast here, per chunk, so that its
+        # gradient is summed over the chunks in the unembedding's own dtype (float32 master
+        # weights stay float32; a cast before the loop would sum it in bfloat16).
         if jnp.dtype(hidden_chunk.dtype).itemsize < 4:
-            logits = mixed_einsum("bcd,dv->bcv", hidden_chunk, unembedding).reshape(-1, unembedding.shape[-1])
+            weight = unembedding.astype(hidden_chunk.dtype)
+            logits = mixed_einsum("bcd,dv->bcv", hidden_chunk, weight).reshape(-1, unembedding.shape[-1])
         else:
             flat = hidden_chunk.reshape(-1, hidden_chunk.shape[-1])
             logits = jnp.einsum("nd,dv->nv", flat, unembedding, preferred_element_type=dtype)

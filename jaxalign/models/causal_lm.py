@@ -28,8 +28,9 @@ class CausalLM(nnx.Module):
     def final_norm(self, x: jax.Array) -> jax.Array:
         raise NotImplementedError
 
-    def unembedding(self) -> jax.Array:
-        """The output projection ``[D, V]`` in the compute dtype (the embedding, transposed, when tied)."""
+    def unembedding(self, dtype=None) -> jax.Array:
+        """The output projection ``[D, V]`` (the embedding, transposed, when tied) in ``dtype``,
+        by default the compute dtype."""
         raise NotImplementedError
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,

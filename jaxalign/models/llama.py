@@ -85,6 +85,6 @@ class LlamaForCausalLM(CausalLM):
     def final_norm(self, x: jax.Array) -> jax.Array:
         return self.norm(x)
 
-    def unembedding(self) -> jax.Array:
+    def unembedding(self, dtype=None) -> jax.Array:
         w = self.embed_tokens.embedding[...].T if self.lm_head is None else self.lm_head[...]
-        return w.astype(self.config.dtype)
+        return w.astype(self.config.dtype if dtype is None else dtype)

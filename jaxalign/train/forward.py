@@ -55,7 +55,7 @@ def token_logps(graphdef: nnx.GraphDef, params: Any, batch: Batch, *, chunk: int
     """Label-aligned float32 log-probs ``[R, L]`` under the model of the tokens with
     ``loss_mask > 0``; 0 on every other token (never projected through the unembedding)."""
     hidden, model = hidden_states(graphdef, params, batch)
-    unembedding = model.unembedding()
+    unembedding = model.unembedding(dtype=model.config.param_dtype)  # cast per chunk: gradient summed in param_dtype
     rows, length = batch["input_ids"].shape
     size = logits_chunk_size(rows, length, unembedding.shape[-1], chunk)
     return losses.token_logps_from_hidden(

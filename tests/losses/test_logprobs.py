@@ -78,6 +78,33 @@ def test_bf16_logits_give_float32_results(data):
     assert hidden_out.dtype == jnp.float32
 
 
+def test_float32_unembedding_gradient_is_summed_over_chunks_in_float32():
+    """bfloat16 hidden states, float32 (master) unembedding, one position per chunk: each
+    chunk's weight gradient is a bfloat16 product, and their sum over the 63 chunks must be a
+    float32 sum (a sum in bfloat16 is off by ~1e-2 relative)."""
+    rng = np.random.default_rng(3)
+    length, d, v = 64, 8, 16
+    hidden = jnp.asarray(rng.normal(size=(1, length, d)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(d, v)), jnp.float32)
+    ids = jnp.asarray(rng.integers(0, v, (1, length)), jnp.int32)
+    grad = jax.grad(lambda w: jnp.sum(losses.token_logps_from_hidden(hidden, w, ids, chunk_size=1)))(w)
+    assert grad.dtype == jnp.float32
+
+    @jax.jit
+    @jax.grad
+    def one_position(w, t):  # the gradient of position t's chunk alone, as the loop forms it
+        pair = lambda x: jax.lax.dynamic_slice_in_dim(x, t, 2, axis=1)
+        return jnp.sum(losses.token_logps_from_hidden(pair(hidden), w, pair(ids), chunk_size=2))
+
+    parts = [np.asarray(one_position(w, t), np.float64) for t in range(length - 1)]
+    expected = np.sum(parts, axis=0)
+    np.testing.assert_allclose(np.asarray(grad), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    in_bfloat16 = np.zeros_like(expected, dtype=np.float32)
+    for part in parts:  # what a bfloat16 accumulator would hold
+        in_bfloat16 = np.asarray(jnp.asarray(in_bfloat16 + part, jnp.bfloat16), np.float32)
+    assert np.abs(in_bfloat16 - expected).max() > 20 * np.abs(np.asarray(grad) - expected).max()
+
+
 def test_float64_inputs_stay_float64_with_x64(data):
     with jax.enable_x64(True):
         out = losses.token_logps(jnp.asarray(data["logits"], jnp.float64), jnp.asarray(data["ids"]))
