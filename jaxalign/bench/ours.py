@@ -41,7 +41,6 @@ class OursVariant:
     remat: str = "none"  # per-layer rematerialisation policy
     scored_lm_head: bool = True  # unembedding only at scored positions (else every position, as before)
     block_attention: bool = True  # query blocks over their causal key prefix (else one full score matrix)
-    retain_host_memory: bool = True  # glibc keeps freed memory for reuse, as the CLI sets it (jaxalign.host_memory)
 
     @property
     def on_the_fly_reference(self) -> bool:
@@ -62,9 +61,8 @@ def ablation_ladder() -> list[OursVariant]:
     to the previous: ``+reference-cache`` has every feature in float32, ``+bfloat16`` computes
     in bfloat16 (float32 master weights, log-softmax and loss), like TRL's default autocast."""
     base = OursVariant("jaxalign/baseline", bucketing=False, chunked_logps=False, scored_lm_head=False,
-                       block_attention=False, retain_host_memory=False)
+                       block_attention=False)
     steps = [
-        ("jaxalign/+host-memory", {"retain_host_memory": True}),
         ("jaxalign/+bucketing", {"bucketing": True}),
         ("jaxalign/+chunked-logps", {"chunked_logps": True}),
         ("jaxalign/+scored-lm-head", {"scored_lm_head": True}),
@@ -90,7 +88,6 @@ def make_config(workload: dict[str, Any], variant: OursVariant, *, batch: int, s
     c.seed = seed
     c.steps = 1_000_000  # only the schedule reads it: the benchmark stops by itself
     c.progress_bar = False
-    c.retain_host_memory = variant.retain_host_memory  # applied by serve_ours, as the CLI applies it
     c.model.path = workload["model_dir"]
     c.model.dtype = variant.dtype
     c.model.remat = variant.remat
@@ -237,12 +234,7 @@ class OursBench:
 
 
 def serve_ours(conn, **kwargs: Any) -> None:
-    """Worker entry point: serves ``OursBench(**kwargs)`` on ``conn`` (with host-memory reuse
-    set up first, before JAX starts, when the variant has it)."""
+    """Worker entry point: serves ``OursBench(**kwargs)`` on ``conn``."""
     from jaxalign.bench.session import serve
-    from jaxalign.host_memory import retain_freed_memory
-
-    if kwargs["variant"].retain_host_memory:
-        retain_freed_memory()
 
     serve(OursBench(**kwargs), conn)

@@ -18,7 +18,6 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from jaxalign.host_memory import retain_freed_memory
 from jaxalign.train.config import ConfigError, close_matches, flatten, validate
 
 __all__ = ["main", "parse_command_line"]
@@ -104,8 +103,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    if config.retain_host_memory:  # before the JAX backend starts its threads
-        retain_freed_memory()
     from jaxalign.train.loop import RunError, train
 
     workdir = workdir or default_workdir(recipe)

@@ -47,7 +47,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 500  # save a checkpoint every N steps (0 = only at the end)
     c.progress_bar = True  # show a tqdm progress bar on process 0
     c.max_consecutive_nonfinite = 10  # stop (checkpoint = last good state) after N consecutive skipped non-finite steps; 0 = never
-    c.retain_host_memory = True  # CLI only: glibc malloc keeps freed memory for reuse (no per-step page faults on CPU; see jaxalign.host_memory)
 
     c.model = ml_collections.ConfigDict()  # the policy model and its precision
     c.model.path = ""  # Hugging Face checkpoint directory (config.json + *.safetensors)

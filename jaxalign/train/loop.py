@@ -50,12 +50,11 @@ __all__ = ["RESUMABLE_KEYS", "STATUSES", "RunError", "RunResult", "evaluate", "t
 
 # Config keys that may change when a run is resumed: the length of the run, logging cadence,
 # where it runs (mesh, multi-host start-up; the checkpoint is restored onto the new mesh), the
-# non-finite guard's patience, the reference cache's batch and host-memory reuse (they change no
-# number).
+# non-finite guard's patience and the reference cache's batch (it changes no number).
 RESUMABLE_KEYS = (
     "steps", "epochs", "log_every", "eval_every", "checkpoint_every", "progress_bar",
     "checkpoint.async_save", "checkpoint.export", "mesh.data", "mesh.fsdp", "mesh.tensor",
-    "max_consecutive_nonfinite", "reference.cache_batch_size", "retain_host_memory",
+    "max_consecutive_nonfinite", "reference.cache_batch_size",
     *(f"distributed.{key}" for key in parallel.distributed_config()),
 )
 CONFIG_FILE = "config.json"

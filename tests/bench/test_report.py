@@ -51,16 +51,14 @@ def test_each_variant_has_its_own_peak_and_ratios_compare_like_precisions():
 
 def test_ablation_ladder_adds_one_feature_at_a_time():
     ladder = ablation_ladder()
-    assert [v.name for v in ladder] == ["jaxalign/baseline", "jaxalign/+host-memory", "jaxalign/+bucketing",
-                                        "jaxalign/+chunked-logps",
+    assert [v.name for v in ladder] == ["jaxalign/baseline", "jaxalign/+bucketing", "jaxalign/+chunked-logps",
                                         "jaxalign/+scored-lm-head", "jaxalign/+block-attention", "jaxalign/+packing",
                                         "jaxalign/+reference-cache", "jaxalign/+bfloat16"]
-    features = ("retain_host_memory", "bucketing", "chunked_logps", "scored_lm_head", "block_attention", "packing",
-                "reference", "dtype")
+    features = ("bucketing", "chunked_logps", "scored_lm_head", "block_attention", "packing", "reference", "dtype")
     base = ladder[0]
-    assert tuple(getattr(base, f) for f in features) == (False, False, False, False, False, False, "frozen", "float32")
+    assert tuple(getattr(base, f) for f in features) == (False, False, False, False, False, "frozen", "float32")
     last = ladder[-1]
-    assert tuple(getattr(last, f) for f in features) == (True, True, True, True, True, True, "precomputed", "bfloat16")
+    assert tuple(getattr(last, f) for f in features) == (True, True, True, True, True, "precomputed", "bfloat16")
     for prev, cur in zip(ladder, ladder[1:]):
         changed = [f for f in features if getattr(prev, f) != getattr(cur, f)]
         assert len(changed) == 1, (prev.name, cur.name)
