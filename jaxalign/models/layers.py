@@ -69,7 +69,9 @@ def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
 
 
 class RMSNorm(nnx.Module):
-    """``y = x / sqrt(mean(x^2) + eps) * scale``, normalised in float32."""
+    """``y = x / sqrt(mean(x^2) + eps) * scale``, normalised in float32. As in HF's Llama, the
+    normalised ``x`` is rounded to the compute dtype before the product with ``scale``; the
+    product is float32, so the gradient of ``scale`` is summed over positions in float32."""
 
     def __init__(self, dim: int, eps: float, *, init: Initializer, dtype, param_dtype):
         self.scale = init((dim,), ("norm",), param_dtype, init="ones")
@@ -79,7 +81,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return y.astype(self.dtype) * self.scale[...].astype(self.dtype)
+        return (y.astype(self.dtype) * self.scale[...].astype(jnp.float32)).astype(self.dtype)
 
 
 class LayerNorm(nnx.Module):
