@@ -21,9 +21,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jaxalign.bench.ours import OursVariant, ablation_ladder, serve_ours
+from jaxalign.bench.ours import OursVariant, ablation_ladder, serve_ours, with_tcmalloc
 from jaxalign.bench.peak import serve_peak
-from jaxalign.bench.session import Worker, interleave
+from jaxalign.bench.session import Worker, interleave, preload_environment
 from jaxalign.bench.trl_side import TRLVariant, serve_trl, trl_unavailable_reason
 from jaxalign.bench.workload import FIXTURE, ModelSpec, build_workload
 
@@ -32,7 +32,7 @@ __all__ = ["GROUPS", "OURS_VARIANTS", "TRL_VARIANTS", "main", "parse_args", "run
 HEADLINE = "jaxalign/+bfloat16"  # every feature, bfloat16 compute: compared with TRL's default (bf16 autocast)
 HEADLINE_FLOAT32 = "jaxalign/+reference-cache"  # every feature in float32: compared with trl/float32
 CACHE_OFF = "jaxalign/+packing"  # = HEADLINE_FLOAT32 with the reference forward in the step
-OURS_VARIANTS: dict[str, OursVariant] = {v.name: v for v in ablation_ladder()}
+OURS_VARIANTS: dict[str, OursVariant] = {v.name: v for v in (*ablation_ladder(), with_tcmalloc(ablation_ladder()[-1]))}
 TRL_VARIANTS: dict[str, TRLVariant] = {v.name: v for v in (
     TRLVariant("trl/default"),
     TRLVariant("trl/float32", bf16=False),
@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"comma-separated variants or groups; variants: {', '.join([*OURS_VARIANTS, *TRL_VARIANTS])}; "
                         f"groups: " + "; ".join(f"{g} = {', '.join(v)}" for g, v in GROUPS.items()))
     p.add_argument("--no-trl", action="store_true", help="leave out every trl/* variant")
+    p.add_argument("--allocator", default="",
+                   help="malloc library LD_PRELOADed into every worker, e.g. tcmalloc_minimal (default: the C library's)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (one window per variant each)")
     p.add_argument("--steps", type=int, default=4, help="steps per window")
     p.add_argument("--warmup-steps", type=int, default=2, help="untimed steps after compilation")
@@ -136,12 +138,14 @@ def _workers(names: list[str], args: argparse.Namespace, workload: dict[str, Any
     for name in names:
         run_dir = str(workdir / "runs" / name.replace("/", "_").replace("+", ""))
         if name in OURS_VARIANTS:
-            kwargs = {**common, "variant": OURS_VARIANTS[name], "workdir": run_dir,
-                      "cache_dir": str(workdir / "reference_cache")}
-            out.append(Worker(name, serve_ours, kwargs, timeout_s=args.timeout))
+            variant = OURS_VARIANTS[name]
+            kwargs = {**common, "variant": variant, "workdir": run_dir, "cache_dir": str(workdir / "reference_cache")}
+            env = preload_environment(variant.allocator or args.allocator, name)
+            out.append(Worker(name, serve_ours, kwargs, env=env, timeout_s=args.timeout))
         else:
             kwargs = {**common, "variant": TRL_VARIANTS[name], "workdir": run_dir, "threads": args.threads}
-            env = {"OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+            env = {"OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
+                   **preload_environment(args.allocator, name)}
             out.append(Worker(name, serve_trl, kwargs, env=env, timeout_s=args.timeout))
     return out
 
@@ -218,7 +222,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                   "steps": args.steps,
                   "warmup_steps": args.warmup_steps, "torch_threads": args.threads,
                   "xla_flags": os.environ.get("XLA_FLAGS", ""), "variants": names, "seed": args.seed,
-                  "learning_rate": args.learning_rate, "data": args.data},
+                  "learning_rate": args.learning_rate, "data": args.data, "allocator": args.allocator},
         load={"before": list(load_before), "after": list(os.getloadavg()),
               "windows_mean": sum(windows_load) / len(windows_load) if windows_load else float("nan"),
               "windows_max": max(windows_load) if windows_load else float("nan")},

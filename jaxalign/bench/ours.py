@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["OursBench", "OursVariant", "ablation_ladder", "bucket_ladder"]
+__all__ = ["OursBench", "OursVariant", "ablation_ladder", "bucket_ladder", "with_tcmalloc"]
 
 
 @dataclass(frozen=True)
@@ -41,10 +41,22 @@ class OursVariant:
     remat: str = "none"  # per-layer rematerialisation policy
     scored_lm_head: bool = True  # unembedding only at scored positions (else every position, as before)
     block_attention: bool = True  # query blocks over their causal key prefix (else one full score matrix)
+    allocator: str = ""  # malloc library LD_PRELOADed into the worker ("" = the C library's)
 
     @property
     def on_the_fly_reference(self) -> bool:
         return self.reference == "frozen"
+
+
+TCMALLOC = "tcmalloc_minimal"  # gperftools' malloc (Debian/Ubuntu: libtcmalloc-minimal4)
+
+
+def with_tcmalloc(variant: OursVariant) -> OursVariant:
+    """``variant`` under gperftools' malloc (``jaxalign/+tcmalloc`` on the last ladder step): it
+    keeps freed memory for reuse, where glibc maps the large temporaries XLA:CPU allocates for
+    every call afresh and faults them in again every step. A deployment choice, not a trainer
+    feature: outside the ladder and the headline."""
+    return dataclasses.replace(variant, name="jaxalign/+tcmalloc", allocator=TCMALLOC)
 
 
 def bucket_ladder(max_length: int, smallest: int = 64) -> tuple[int, ...]:

@@ -1,8 +1,8 @@
 """Worker processes and their interleaved measurement windows.
 
 Every variant (a jaxalign configuration or a TRL configuration) lives in its own process,
-started with ``spawn`` so that each sets its own environment (threads) before importing its
-framework, and so that its peak resident memory is its own. The parent drives them over a
+started with ``spawn`` so that each has its own environment from its first instruction
+(threads; ``LD_PRELOAD`` for another malloc) and its own peak resident memory. The parent drives them over a
 pipe with three requests: ``setup`` (build, compile, warm up), ``window n`` (run ``n`` steps
 and report time, pairs and tokens) and ``finish`` (report memory, exit). While one worker
 runs a window the others wait on their pipes, so each has the machine to itself; windows go
@@ -11,6 +11,7 @@ round-robin (A, B, C, A, B, C, ...), so slow drifts in machine load hit every va
 
 from __future__ import annotations
 
+import ctypes.util
 import multiprocessing as mp
 import os
 import time
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["BenchError", "Worker", "interleave", "serve"]
+__all__ = ["BenchError", "Worker", "interleave", "preload_environment", "serve"]
 
 
 class BenchError(RuntimeError):
@@ -45,8 +46,20 @@ def serve(bench: Any, conn) -> None:
             return
 
 
-def _entry(factory: Callable[..., None], kwargs: dict[str, Any], env: dict[str, str], conn) -> None:
-    os.environ.update(env)
+def preload_environment(library: str, who: str) -> dict[str, str]:
+    """Worker environment that loads the shared library ``lib{library}.so`` first
+    (``LD_PRELOAD``, e.g. ``tcmalloc_minimal`` for another malloc); {} for ``library == ""``.
+    Raises ``BenchError`` naming ``who`` and the library when it is not installed."""
+    if not library:
+        return {}
+    path = ctypes.util.find_library(library)
+    if path is None:
+        raise BenchError(f"{who}: the library lib{library}.so is not installed "
+                         "(tcmalloc_minimal: apt install libtcmalloc-minimal4)")
+    return {"LD_PRELOAD": path}
+
+
+def _entry(factory: Callable[..., None], kwargs: dict[str, Any], conn) -> None:
     factory(conn=conn, **kwargs)
 
 
@@ -57,14 +70,23 @@ class Worker:
     name: str
     factory: Callable[..., None]  # module-level function(conn=..., **kwargs) that serves requests
     kwargs: dict[str, Any]
-    env: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)  # the worker's environment from exec on (LD_PRELOAD works)
     timeout_s: float = 3600.0
 
     def start(self) -> None:
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_entry, args=(self.factory, self.kwargs, self.env, child), name=self.name)
-        self._proc.start()
+        self._proc = ctx.Process(target=_entry, args=(self.factory, self.kwargs, child), name=self.name)
+        saved = {key: os.environ.get(key) for key in self.env}
+        os.environ.update(self.env)  # a spawned child execs with the parent's environment
+        try:
+            self._proc.start()
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
         child.close()
 
     def request(self, *message: Any) -> dict[str, Any]:
