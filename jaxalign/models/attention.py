@@ -117,14 +117,13 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     row maxima and the reciprocal row sums are kept (not the log-sum-exp: for a fully masked row
     ``max s + log(sum w)`` rounds back to the float32 minimum). Backward (FlashAttention's algebra,
     with the float32 scores recomputed from ``q`` and ``k``): ``p = exp(s - max s) / sum w``,
-    ``D = rowsum(do * o)``,
-    ``ds = p (dp - D) scale`` on unmasked pairs, ``dp = do v^T``. ``dk = ds^T q`` and
-    ``dv = p^T do`` are formed key block by key block (keys ``[s, e)`` against queries
-    ``[s, L)``), in the key-major orientation, so that each key block's gradient is written once
-    instead of summed over the query blocks that see it; ``dq = ds k`` query block by query block.
-    Every product is then a batched matmul whose contraction is the last axis of one operand and
-    the middle axis of the other, the layouts XLA:CPU's kernels run fastest (the autodiff of the
-    forward contracts over the first matrix axis of both, 3-5x slower). Low-precision inputs give
+    ``dp = do v^T``, ``D = rowsum(do * o)``, ``ds = p (dp - D) scale`` on unmasked pairs.
+    ``dk = ds^T q`` and ``dv = p^T do`` are formed key block by key block (keys ``[s, e)``
+    against queries ``[s, L)``, key-major), so each key block's gradient is written once instead
+    of summed over the query blocks that see it; ``dq = ds k`` query block by query block. Every
+    product is then a batched matmul contracting the last axis of one operand with the middle
+    axis of the other, the layouts XLA:CPU runs fastest (autodiff of the forward contracts the
+    first matrix axis of both: up to 5x slower in bfloat16). Low-precision inputs give
     low-precision ``p`` and ``ds`` in the products (float32 accumulation), as FlashAttention does.
     """
     return _blocked_forward(q, k, v, mask, scale, block)[0]
