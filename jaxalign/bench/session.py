@@ -2,11 +2,12 @@
 
 Every variant (a jaxalign configuration or a TRL configuration) lives in its own process,
 started with ``spawn`` so that each has its own environment from its first instruction
-(threads; ``LD_PRELOAD`` for another malloc) and its own peak resident memory. The parent drives them over a
-pipe with three requests: ``setup`` (build, compile, warm up), ``window n`` (run ``n`` steps
-and report time, pairs and tokens) and ``finish`` (report memory, exit). While one worker
-runs a window the others wait on their pipes, so each has the machine to itself; windows go
-round-robin (A, B, C, A, B, C, ...), so slow drifts in machine load hit every variant alike.
+(threads; ``LD_PRELOAD`` for another malloc) and its own peak resident memory. The parent
+drives them over a pipe with three requests: ``setup`` (build, compile, warm up),
+``window n`` (run ``n`` steps and report time, pairs and tokens) and ``finish`` (report
+memory, exit). While one worker runs a window the others wait on their pipes, so each has
+the machine to itself; windows go round-robin (A, B, C, A, B, C, ...), so slow drifts in
+machine load hit every variant alike.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from unittest import mock
 
 __all__ = ["BenchError", "Worker", "interleave", "preload_environment", "serve"]
 
@@ -77,16 +79,8 @@ class Worker:
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_entry, args=(self.factory, self.kwargs, child), name=self.name)
-        saved = {key: os.environ.get(key) for key in self.env}
-        os.environ.update(self.env)  # a spawned child execs with the parent's environment
-        try:
+        with mock.patch.dict(os.environ, self.env):  # a spawned child execs with the parent's environment
             self._proc.start()
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
         child.close()
 
     def request(self, *message: Any) -> dict[str, Any]:
