@@ -44,5 +44,5 @@ def test_remat_gives_the_same_gradients():
     for policy in ("full", "dots_saveable"):
         v, got = _grads(policy)
         assert v == pytest.approx(float(value), rel=1e-6)
-        for k in ref:
-            np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-7, err_msg=f"{policy} {k}")
+        for k in ref:  # equal up to float32 rounding: recomputed layers may sum in another order
+            np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6, err_msg=f"{policy} {k}")
