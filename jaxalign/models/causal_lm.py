@@ -1,7 +1,8 @@
 """The interface every decoder implements (docs/architecture.md, "Model").
 
 A subclass provides ``embed(input_ids, positions)``, ``layers`` (an ``nnx.List`` of blocks called
-as ``block(x, positions, mask, kv, index) -> (x, kv)``), ``final_norm(x)`` and ``unembedding()``.
+as ``block(x, encoding, mask, kv, index) -> (x, kv)`` with ``encoding = position_encoding(positions)``),
+``final_norm(x)`` and ``unembedding()``.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from jaxalign.models.cache import KVCache, write_slots
 from jaxalign.models.config import ModelConfig, remat_policy
 
 
-def _apply_block(block, x, positions, mask):
-    return block(x, positions, mask, None, None)[0]
+def _apply_block(block, x, encoding, mask):
+    return block(x, encoding, mask, None, None)[0]
 
 
 class CausalLM(nnx.Module):
@@ -24,6 +25,12 @@ class CausalLM(nnx.Module):
 
     def embed(self, input_ids: jax.Array, positions: jax.Array) -> jax.Array:
         raise NotImplementedError
+
+    def position_encoding(self, positions: jax.Array):
+        """What every block receives for the token ``positions [B, L]``, computed once per
+        forward: the positions themselves unless the decoder overrides it (Llama: its RoPE
+        tables)."""
+        return positions
 
     def final_norm(self, x: jax.Array) -> jax.Array:
         raise NotImplementedError
@@ -58,8 +65,9 @@ class CausalLM(nnx.Module):
         if self.config.remat != "none":
             run = nnx.remat(_apply_block, policy=remat_policy(self.config.remat))
         x = self.embed(input_ids, positions)
+        encoding = self.position_encoding(positions)
         for block in self.layers:
-            x = run(block, x, positions, mask)
+            x = run(block, x, encoding, mask)
         return self.final_norm(x)
 
     def init_cache(self, batch_size: int, size: int) -> KVCache:
@@ -87,9 +95,10 @@ class CausalLM(nnx.Module):
         mask = make_attention_mask(start + jnp.arange(t), jnp.arange(cache.size), segment_ids, all_segments,
                               positions, all_positions, self.config.sliding_window)
         x = self.embed(input_ids, positions)
+        encoding = self.position_encoding(positions)
         keys, values = [], []
         for block, k, v in zip(self.layers, cache.keys, cache.values, strict=True):
-            x, (k, v) = block(x, positions, mask, (k, v), start)
+            x, (k, v) = block(x, encoding, mask, (k, v), start)
             keys.append(k)
             values.append(v)
         logits = self.logits(self.final_norm(x))

@@ -13,7 +13,7 @@ from flax import nnx
 from jaxalign.models.causal_lm import CausalLM, attend
 from jaxalign.models.config import ModelConfig
 from jaxalign.models.layers import Embed, Initializer, Projection, RMSNorm, activation_fn
-from jaxalign.models.rope import apply_rope, inverse_frequencies
+from jaxalign.models.rope import apply_rope, inverse_frequencies, rope_tables
 
 
 class LlamaAttention(nnx.Module):
@@ -28,12 +28,11 @@ class LlamaAttention(nnx.Module):
                                  n_in=1, bias=cfg.attention_bias, **kw)
         self.o_proj = Projection((h, dh, d), ("heads", "head_dim", "embed"), "blhk,hkd->bld",
                                  n_in=2, bias=cfg.attention_out_bias, **kw)
-        self.inv_freq = tuple(inverse_frequencies(dh, cfg.rope_theta, cfg.rope_scaling).tolist())
         self.scale = dh ** -0.5
 
-    def __call__(self, x, positions, mask, kv, index):
-        q = apply_rope(self.q_proj(x), positions, self.inv_freq)
-        k = apply_rope(self.k_proj(x), positions, self.inv_freq)
+    def __call__(self, x, rope, mask, kv, index):
+        q = apply_rope(self.q_proj(x), rope)
+        k = apply_rope(self.k_proj(x), rope)
         out, kv = attend(q, k, self.v_proj(x), mask, kv, index, self.scale)
         return self.o_proj(out), kv
 
@@ -59,8 +58,8 @@ class LlamaBlock(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, **norm)
         self.mlp = LlamaMLP(cfg, init=init)
 
-    def __call__(self, x, positions, mask, kv, index):
-        attn, kv = self.self_attn(self.input_layernorm(x), positions, mask, kv, index)
+    def __call__(self, x, rope, mask, kv, index):
+        attn, kv = self.self_attn(self.input_layernorm(x), rope, mask, kv, index)
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
@@ -73,6 +72,7 @@ class LlamaForCausalLM(CausalLM):
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), init=init,
                                   dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         self.layers = nnx.List([LlamaBlock(cfg, init=init) for _ in range(cfg.num_layers)])
+        self.inv_freq = tuple(inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).tolist())
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, init=init, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         self.lm_head = nnx.data(
             None if cfg.tie_embeddings
@@ -81,6 +81,9 @@ class LlamaForCausalLM(CausalLM):
 
     def embed(self, input_ids: jax.Array, positions: jax.Array) -> jax.Array:
         return self.embed_tokens(input_ids)
+
+    def position_encoding(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return rope_tables(positions, self.inv_freq)
 
     def final_norm(self, x: jax.Array) -> jax.Array:
         return self.norm(x)

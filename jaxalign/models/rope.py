@@ -37,15 +37,24 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: Sequence[float] | np.ndarray) -> jax.Array:
-    """Rotate ``x [B, L, N, Dh]`` by angle ``positions[b, l] * inv_freq``.
+def rope_tables(positions: jax.Array, inv_freq: Sequence[float] | np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """``(cos, sin)`` of the angles ``positions[b, l] * inv_freq``, float32 ``[B, L, 1, Dh]`` (the
+    ``Dh/2`` angles repeated for the two halves of the head dimension).
 
-    ``y = x * cos + rotate_half(x) * sin`` with ``rotate_half([x1, x2]) = [-x2, x1]`` over the
-    two halves of the head dimension; angles are computed in float32.
+    A decoder computes them once per forward for all its layers. The optimization barrier makes
+    XLA materialise them: otherwise it fuses ``sin``/``cos`` into every consumer and evaluates
+    them per element of each layer's queries and keys (once per head), in both passes.
     """
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, L, Dh/2]
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [B, L, Dh/2]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    return jax.lax.optimization_barrier((jnp.cos(angles), jnp.sin(angles)))
+
+
+def apply_rope(x: jax.Array, tables: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotate ``x [B, L, N, Dh]`` by the angles of ``tables = rope_tables(positions, inv_freq)``:
+    ``y = x * cos + rotate_half(x) * sin`` with ``rotate_half([x1, x2]) = [-x2, x1]`` over the
+    two halves of the head dimension (cos and sin rounded to ``x``'s dtype)."""
+    cos, sin = (t.astype(x.dtype) for t in tables)
     x1, x2 = jnp.split(x, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     return x * cos + rotated * sin
