@@ -4,4 +4,4 @@ import sys
 
 from jaxalign.train.cli import main
 
-sys.exit(main())
+sys.exit(main(reexec=True))

@@ -94,15 +94,23 @@ def default_workdir(recipe: str, root: str = "runs") -> str:
     return os.path.join(root, f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, reexec: bool = False) -> int:
     """Parses the command line, trains, prints where the outputs went; returns the exit code
-    (``EXIT_OK``, ``EXIT_USAGE``, ``EXIT_NONFINITE``, ``EXIT_INTERRUPTED``)."""
+    (``EXIT_OK``, ``EXIT_USAGE``, ``EXIT_NONFINITE``, ``EXIT_INTERRUPTED``).
+
+    ``reexec`` (the program's entry point only): with ``config.huge_pages`` the process first
+    restarts itself with transparent huge pages for malloc (``jaxalign.train.huge_pages``).
+    """
     argv = list(sys.argv if argv is None else argv)
     try:
         config, workdir, recipe = parse_command_line(argv)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    if reexec and config.huge_pages:
+        from jaxalign.train.huge_pages import reexec_with_huge_pages
+
+        reexec_with_huge_pages()
     from jaxalign.train.loop import RunError, train
 
     workdir = workdir or default_workdir(recipe)
