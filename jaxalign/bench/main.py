@@ -21,23 +21,26 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jaxalign.bench.ours import OursVariant, ablation_ladder, serve_ours, with_tcmalloc
+from jaxalign.bench.ours import OursVariant, ablation_ladder, serve_ours, with_tcmalloc, without_huge_pages
 from jaxalign.bench.peak import serve_peak
 from jaxalign.bench.session import Worker, interleave, preload_environment
 from jaxalign.bench.trl_side import TRLVariant, serve_trl, trl_unavailable_reason
 from jaxalign.bench.workload import FIXTURE, ModelSpec, build_workload
+from jaxalign.train.huge_pages import huge_page_environment
 
 __all__ = ["GROUPS", "OURS_VARIANTS", "TRL_VARIANTS", "main", "parse_args", "run_bench"]
 
 HEADLINE = "jaxalign/+bfloat16"  # every feature, bfloat16 compute: compared with TRL's default (bf16 autocast)
 HEADLINE_FLOAT32 = "jaxalign/+reference-cache"  # every feature in float32: compared with trl/float32
 CACHE_OFF = "jaxalign/+packing"  # = HEADLINE_FLOAT32 with the reference forward in the step
-OURS_VARIANTS: dict[str, OursVariant] = {v.name: v for v in (*ablation_ladder(), with_tcmalloc(ablation_ladder()[-1]))}
+OURS_VARIANTS: dict[str, OursVariant] = {v.name: v for v in (
+    *ablation_ladder(), with_tcmalloc(ablation_ladder()[-1]), without_huge_pages(ablation_ladder()[-1]))}
 TRL_VARIANTS: dict[str, TRLVariant] = {v.name: v for v in (
     TRLVariant("trl/default"),
     TRLVariant("trl/float32", bf16=False),
     TRLVariant("trl/float32-no-checkpointing", bf16=False, gradient_checkpointing=False),
     TRLVariant("trl/default-precompute-ref", precompute_ref_log_probs=True),
+    TRLVariant("trl/default+huge-pages", huge_pages=True),
 )}
 # Names --variants accepts for several variants at once.
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -141,12 +144,16 @@ def _workers(names: list[str], args: argparse.Namespace, workload: dict[str, Any
             variant = OURS_VARIANTS[name]
             kwargs = {**common, "variant": variant, "workdir": run_dir, "cache_dir": str(workdir / "reference_cache")}
             env = preload_environment(variant.allocator or args.allocator, name)
-            out.append(Worker(name, serve_ours, kwargs, env=env, timeout_s=args.timeout))
+            factory = serve_ours
         else:
-            kwargs = {**common, "variant": TRL_VARIANTS[name], "workdir": run_dir, "threads": args.threads}
+            variant = TRL_VARIANTS[name]
+            kwargs = {**common, "variant": variant, "workdir": run_dir, "threads": args.threads}
             env = {"OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
                    **preload_environment(args.allocator, name)}
-            out.append(Worker(name, serve_trl, kwargs, env=env, timeout_s=args.timeout))
+            factory = serve_trl
+        if variant.huge_pages:
+            env.update(huge_page_environment(os.environ))
+        out.append(Worker(name, factory, kwargs, env=env, timeout_s=args.timeout))
     return out
 
 
@@ -222,7 +229,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                   "steps": args.steps,
                   "warmup_steps": args.warmup_steps, "torch_threads": args.threads,
                   "xla_flags": os.environ.get("XLA_FLAGS", ""), "variants": names, "seed": args.seed,
-                  "learning_rate": args.learning_rate, "data": args.data, "allocator": args.allocator},
+                  "learning_rate": args.learning_rate, "data": args.data, "allocator": args.allocator,
+                  "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")},
         load={"before": list(load_before), "after": list(os.getloadavg()),
               "windows_mean": sum(windows_load) / len(windows_load) if windows_load else float("nan"),
               "windows_max": max(windows_load) if windows_load else float("nan")},

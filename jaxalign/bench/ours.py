@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["OursBench", "OursVariant", "ablation_ladder", "bucket_ladder", "with_tcmalloc"]
+__all__ = ["OursBench", "OursVariant", "ablation_ladder", "bucket_ladder", "with_tcmalloc", "without_huge_pages"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ class OursVariant:
     scored_lm_head: bool = True  # unembedding only at scored positions (else every position, as before)
     block_attention: bool = True  # query blocks over their causal key prefix (else one full score matrix)
     allocator: str = ""  # malloc library LD_PRELOADed into the worker ("" = the C library's)
+    huge_pages: bool = True  # malloc's transparent huge pages, as python -m jaxalign.train runs (config.huge_pages)
 
     @property
     def on_the_fly_reference(self) -> bool:
@@ -57,6 +58,12 @@ def with_tcmalloc(variant: OursVariant) -> OursVariant:
     every call afresh and faults them in again every step. A deployment choice, not a trainer
     feature: outside the ladder and the headline."""
     return dataclasses.replace(variant, name="jaxalign/+tcmalloc", allocator=TCMALLOC)
+
+
+def without_huge_pages(variant: OursVariant) -> OursVariant:
+    """``variant`` with malloc's 4 KiB pages (``jaxalign/-huge-pages`` on the last ladder step),
+    as the trainer ran before ``config.huge_pages``: the in-run factor of the huge pages."""
+    return dataclasses.replace(variant, name="jaxalign/-huge-pages", huge_pages=False)
 
 
 def bucket_ladder(max_length: int, smallest: int = 64) -> tuple[int, ...]:

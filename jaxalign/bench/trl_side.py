@@ -35,6 +35,7 @@ class TRLVariant:
     bf16: bool = True  # TRL's default: bfloat16 autocast
     gradient_checkpointing: bool = True  # TRL's default
     precompute_ref_log_probs: bool = False  # TRL's default: reference forward in every step
+    huge_pages: bool = False  # malloc's transparent huge pages (glibc.malloc.hugetlb=1; a plain python run has none)
 
     @property
     def on_the_fly_reference(self) -> bool:
