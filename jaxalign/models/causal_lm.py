@@ -1,8 +1,8 @@
 """The interface every decoder implements (docs/architecture.md, "Model").
 
-A subclass provides ``embed(input_ids, positions)``, ``layers`` (an ``nnx.List`` of blocks called
-as ``block(x, encoding, mask, kv, index) -> (x, kv)`` with ``encoding = position_encoding(positions)``),
-``final_norm(x)`` and ``unembedding()``.
+A subclass provides ``embed(input_ids, positions)``, ``token_embedding()``, ``lm_head`` (None
+when tied), ``layers`` (an ``nnx.List`` of blocks called as ``block(x, encoding, mask, kv,
+index) -> (x, kv)`` with ``encoding = position_encoding(positions)``) and ``final_norm(x)``.
 """
 
 from __future__ import annotations
@@ -35,10 +35,15 @@ class CausalLM(nnx.Module):
     def final_norm(self, x: jax.Array) -> jax.Array:
         raise NotImplementedError
 
+    def token_embedding(self) -> jax.Array:
+        """The input embedding table ``[V, D]`` (float32 master weights)."""
+        raise NotImplementedError
+
     def unembedding(self, dtype=None) -> jax.Array:
         """The output projection ``[D, V]`` (the embedding, transposed, when tied) in ``dtype``,
         by default the compute dtype."""
-        raise NotImplementedError
+        w = self.token_embedding().T if self.lm_head is None else self.lm_head[...]
+        return w.astype(self.config.dtype if dtype is None else dtype)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                  positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:

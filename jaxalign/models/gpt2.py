@@ -84,6 +84,5 @@ class GPT2LMHeadModel(CausalLM):
     def final_norm(self, x: jax.Array) -> jax.Array:
         return self.ln_f(x)
 
-    def unembedding(self, dtype=None) -> jax.Array:
-        w = self.wte.embedding[...].T if self.lm_head is None else self.lm_head[...]
-        return w.astype(self.config.dtype if dtype is None else dtype)
+    def token_embedding(self) -> jax.Array:
+        return self.wte.embedding[...]

@@ -88,6 +88,5 @@ class LlamaForCausalLM(CausalLM):
     def final_norm(self, x: jax.Array) -> jax.Array:
         return self.norm(x)
 
-    def unembedding(self, dtype=None) -> jax.Array:
-        w = self.embed_tokens.embedding[...].T if self.lm_head is None else self.lm_head[...]
-        return w.astype(self.config.dtype if dtype is None else dtype)
+    def token_embedding(self) -> jax.Array:
+        return self.embed_tokens.embedding[...]
