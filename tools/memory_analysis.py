@@ -120,7 +120,8 @@ def abstract_batch(pairs: int, length: int, mesh) -> dict[str, jax.ShapeDtypeStr
 def constrained_hidden_states(model, input_ids, *, positions, segment_ids):
     """``model.hidden_states`` with the residual stream pinned to batch sharding at every block.
 
-    Runs the decoder through its documented interface (``embed``, ``layers``, ``final_norm``)
+    Runs the decoder through its documented interface (``embed``, ``position_encoding``,
+    ``layers``, ``final_norm``)
     and ``parallel.with_logical_constraint(x, ("batch", "length", "embed"))`` after the
     embedding and after each block; the rest (mask, remat policy) as ``CausalLM.hidden_states``.
     Needed only while the models do not constrain activations themselves.
@@ -128,9 +129,10 @@ def constrained_hidden_states(model, input_ids, *, positions, segment_ids):
     index = jnp.arange(input_ids.shape[1])
     mask = make_attention_mask(index, index, segment_ids, segment_ids, positions, positions,
                                model.config.sliding_window)
+    encoding = model.position_encoding(positions)
 
     def apply(block, x):
-        return block(x, positions, mask, None, None)[0]
+        return block(x, encoding, mask, None, None)[0]
 
     if model.config.remat != "none":
         apply = nnx.remat(apply, policy=remat_policy(model.config.remat))
