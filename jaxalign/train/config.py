@@ -46,7 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every = 100  # evaluate on held-out pairs every N steps (0 = only at start and end)
     c.checkpoint_every = 500  # save a checkpoint every N steps (0 = only at the end)
     c.progress_bar = True  # show a tqdm progress bar on process 0
-    c.huge_pages = True  # python -m jaxalign.train restarts itself with glibc.malloc.hugetlb=1: transparent huge pages for XLA's host buffers (~1.25x on CPU; Linux, glibc >= 2.35)
+    c.huge_pages = True  # python -m jaxalign.train restarts itself with glibc.malloc.hugetlb=1: transparent huge pages for XLA's host buffers (Linux, glibc >= 2.35; docs/performance.md)
     c.max_consecutive_nonfinite = 10  # stop (checkpoint = last good state) after N consecutive skipped non-finite steps; 0 = never
 
     c.model = ml_collections.ConfigDict()  # the policy model and its precision

@@ -6,8 +6,8 @@ step faults its working memory in again, 4 KiB at a time: about 0.6 million page
 step of the benchmark's float32 DPO step, 13% of its CPU time in the kernel. glibc >= 2.35 can
 advise the kernel to back its mappings with 2 MiB transparent huge pages (the tunable
 ``glibc.malloc.hugetlb=1``); where the kernel's THP mode is ``madvise`` or ``always`` that step
-then takes a few thousand faults and runs about 1.25x faster with the same peak memory
-(docs/performance.md).
+then takes a few thousand faults and, in most measurements, runs 1.09-1.26x faster with the
+same peak memory (docs/performance.md, also on when it does not help).
 
 Tunables are read once, when a process starts, so ``python -m jaxalign.train`` re-executes
 itself (same PID, same arguments) with ``GLIBC_TUNABLES`` extended, before it touches JAX.
