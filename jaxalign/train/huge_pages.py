@@ -3,11 +3,11 @@
 XLA:CPU allocates the buffers of every call of a compiled step afresh and frees them when the
 call ends. glibc's malloc maps large blocks with ``mmap`` and unmaps them on ``free``, so every
 step faults its working memory in again, 4 KiB at a time: about 0.6 million page faults per
-step of the benchmark's float32 DPO step, 13% of its CPU time in the kernel. glibc >= 2.35 can
+float32 step of the benchmark's DPO workload, 13% of its CPU time in the kernel. glibc >= 2.35 can
 advise the kernel to back its mappings with 2 MiB transparent huge pages (the tunable
 ``glibc.malloc.hugetlb=1``); where the kernel's THP mode is ``madvise`` or ``always`` that step
 then takes a few thousand faults and, in most measurements, runs 1.09-1.26x faster with the
-same peak memory (docs/performance.md, also on when it does not help).
+same peak memory (docs/performance.md, which also says when it does not help).
 
 Tunables are read once, when a process starts, so ``python -m jaxalign.train`` re-executes
 itself (same PID, same arguments) with ``GLIBC_TUNABLES`` extended, before it touches JAX.
