@@ -33,8 +33,9 @@ __all__ = ["GROUPS", "OURS_VARIANTS", "TRL_VARIANTS", "main", "parse_args", "run
 HEADLINE = "jaxalign/+bfloat16"  # every feature, bfloat16 compute: compared with TRL's default (bf16 autocast)
 HEADLINE_FLOAT32 = "jaxalign/+reference-cache"  # every feature in float32: compared with trl/float32
 CACHE_OFF = "jaxalign/+packing"  # = HEADLINE_FLOAT32 with the reference forward in the step
+_LADDER = ablation_ladder()
 OURS_VARIANTS: dict[str, OursVariant] = {v.name: v for v in (
-    *ablation_ladder(), with_tcmalloc(ablation_ladder()[-1]), without_huge_pages(ablation_ladder()[-1]))}
+    *_LADDER, with_tcmalloc(_LADDER[-1]), without_huge_pages(_LADDER[-1]))}
 TRL_VARIANTS: dict[str, TRLVariant] = {v.name: v for v in (
     TRLVariant("trl/default"),
     TRLVariant("trl/float32", bf16=False),
@@ -44,7 +45,7 @@ TRL_VARIANTS: dict[str, TRLVariant] = {v.name: v for v in (
 )}
 # Names --variants accepts for several variants at once.
 GROUPS: dict[str, tuple[str, ...]] = {
-    "ladder": tuple(v.name for v in ablation_ladder()),
+    "ladder": tuple(v.name for v in _LADDER),
     "trl": ("trl/default", "trl/float32"),
     "headline": (CACHE_OFF, HEADLINE_FLOAT32, HEADLINE, "trl/default", "trl/float32"),
 }

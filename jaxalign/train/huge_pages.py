@@ -32,10 +32,10 @@ def glibc_version() -> tuple[int, int] | None:
     """The running glibc's ``(major, minor)``; None for another C library."""
     try:
         name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
-    except (AttributeError, ValueError, OSError):
+        major, minor = version.split(".")[:2]
+        return (int(major), int(minor)) if name == "glibc" else None
+    except (AttributeError, ValueError, OSError):  # no confstr, unknown name, another format
         return None
-    major, minor = version.split(".")[:2]
-    return (int(major), int(minor)) if name == "glibc" else None
 
 
 def thp_mode(path: str = THP_ENABLED) -> str:

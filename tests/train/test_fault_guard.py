@@ -3,7 +3,6 @@ run goes on; N consecutive ones stop it with a checkpoint of the last good state
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
