@@ -138,12 +138,14 @@ def _workers(names: list[str], args: argparse.Namespace, workload: dict[str, Any
     """One worker per variant, each with its own run directory."""
     common = dict(workload=workload, batch=args.batch, warmup_steps=args.warmup_steps, seed=args.seed,
                   learning_rate=args.learning_rate)
+    planned_steps = args.warmup_steps + args.rounds * args.steps
     out = []
     for name in names:
         run_dir = str(workdir / "runs" / name.replace("/", "_").replace("+", ""))
         if name in OURS_VARIANTS:
             variant = OURS_VARIANTS[name]
-            kwargs = {**common, "variant": variant, "workdir": run_dir, "cache_dir": str(workdir / "reference_cache")}
+            kwargs = {**common, "variant": variant, "workdir": run_dir, "cache_dir": str(workdir / "reference_cache"),
+                      "planned_steps": planned_steps}
             env = preload_environment(variant.allocator or args.allocator, name)
             factory = serve_ours
         else:

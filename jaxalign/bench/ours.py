@@ -8,8 +8,9 @@ left on the device), without eval, checkpoints or logging.
 With ``cache_dir`` shared, the first precomputed variant of a run builds the reference cache
 inside ``prepare`` (timed in ``prepare_s``) and the others load it.
 
-Steady state: before the first timed window every row length the loader can produce is
-compiled ahead of time (one ``lower().compile()`` per bucket, timed as ``compile_s``), run
+Steady state: before the first timed window every batch shape the loader yields in the steps
+the benchmark runs (``planned_steps``: packed batches vary in rows, padded ones in length) is
+compiled ahead of time (one ``lower().compile()`` per shape, timed as ``compile_s``), run
 once, and ``warmup_steps`` more steps are run. A window then runs ``n`` steps back to back
 and waits for the last one; its time covers batch assembly on the host and the device work.
 """
@@ -149,9 +150,9 @@ class OursBench:
     """Worker-side state of one jaxalign variant (see the module docstring)."""
 
     def __init__(self, workload: dict[str, Any], variant: OursVariant, *, batch: int, warmup_steps: int,
-                 workdir: str, seed: int = 0, learning_rate: float = 1e-6, cache_dir: str = ""):
+                 planned_steps: int, workdir: str, seed: int = 0, learning_rate: float = 1e-6, cache_dir: str = ""):
         self.workload, self.variant, self.cache_dir = workload, variant, cache_dir
-        self.batch, self.warmup_steps = batch, warmup_steps
+        self.batch, self.warmup_steps, self.planned_steps = batch, warmup_steps, planned_steps
         self.workdir, self.seed, self.learning_rate = workdir, seed, learning_rate
         self.run: Any = None
         self.state: Any = None
@@ -165,21 +166,17 @@ class OursBench:
         return stack_micro_batches([batch])
 
     def _shape_batches(self) -> list[dict[str, np.ndarray]]:
-        """One real batch for every row length the loader can produce (packing: one shape)."""
-        from jaxalign.data import padded_batch
-
+        """One real batch of every ``[rows, length]`` the loader yields in the ``planned_steps``
+        steps the benchmark runs from the loader's start (packing: rows vary, padding: length)."""
         loader = self.run.train_loader
-        if loader.packing:
-            return [next(loader)]
-        out = []
-        for length in loader.buckets:
-            fitting = [e for e, m in zip(loader.examples, loader.max_len) if m <= length][: loader.local_slots]
-            if not fitting:
-                continue
-            slots = fitting + [None] * (loader.local_slots - len(fitting))
-            out.append(padded_batch(slots, length=length, pad_id=loader.pad_id, mask=loader.mask,
-                                    sequences_per_slot=loader.seqs_per_slot))
-        return out
+        first: dict[tuple[int, int], tuple[int, int]] = {}
+        epoch, left = 0, self.planned_steps
+        while left > 0:
+            shapes = loader.batch_shapes(epoch)[:left]
+            for k, shape in enumerate(shapes):
+                first.setdefault(shape, (epoch, k))
+            epoch, left = epoch + 1, left - len(shapes)
+        return [loader.batch_at(e, k) for e, k in first.values()]
 
     def setup(self) -> dict[str, Any]:
         import jax

@@ -8,8 +8,9 @@ example_index -1, no tokens). Sequence ``s`` of slot ``p`` has sequence id ``p +
 
 * Padded layout: ``R = S * P`` rows (``S`` sequences per slot); row ``s * P + p`` holds
   sequence ``s`` of slot ``p``, right-padded to ``L``.
-* Packed layout: ``R`` rows of ``L`` tokens; ``plan_pack`` places sequences first-fit; each
-  sequence gets its own segment id within its row and positions restarting at 0.
+* Packed layout: ``R`` rows of ``L`` tokens; ``plan_pack`` places sequences first-fit
+  decreasing; each sequence gets its own segment id within its row and positions restarting
+  at 0.
 
 ``loss_mask`` is label-aligned (``loss_mask[t]`` scores token ``t``, predicted from ``t - 1``):
 ``"completion"`` marks the completion tokens (EOS included, the first one too);
@@ -31,6 +32,7 @@ __all__ = [
     "MASK_MODES",
     "bucket_length",
     "loss_mask",
+    "pad_batch",
     "packed_batch",
     "padded_batch",
     "plan_pack",
@@ -63,16 +65,30 @@ def loss_mask(seq: EncodedSequence, mode: MaskMode) -> np.ndarray:
     raise ValueError(f"loss mask mode {mode!r} is not one of {', '.join(MASK_MODES)}")
 
 
+def _row_fill(pad_id: int) -> dict[str, int]:
+    """The ``[R, L]`` token arrays of a batch and the value of an empty (padding) position in each."""
+    return {"input_ids": pad_id, "positions": 0, "segment_ids": 0, "loss_mask": 0, "sequence_ids": -1}
+
+
+def pad_batch(batch: dict[str, np.ndarray], *, rows: int, length: int, pad_id: int) -> dict[str, np.ndarray]:
+    """``batch`` with its ``[R, L]`` token arrays padded by empty rows and columns to ``[rows,
+    length]`` (token ``pad_id``, segment 0: no sequence sees them, no sum counts them)."""
+    r, n = batch["input_ids"].shape
+    if (r, n) == (rows, length):
+        return batch
+    if rows < r or length < n:
+        raise ValueError(f"cannot pad a [{r}, {n}] batch to [{rows}, {length}]")
+    out = dict(batch)
+    for key, fill in _row_fill(pad_id).items():
+        out[key] = np.pad(batch[key], [(0, rows - r), (0, length - n)], constant_values=fill)
+    return out
+
+
 def _empty(rows: int, length: int, pad_id: int, slots: int) -> dict[str, np.ndarray]:
-    return {
-        "input_ids": np.full((rows, length), pad_id, np.int32),
-        "positions": np.zeros((rows, length), np.int32),
-        "segment_ids": np.zeros((rows, length), np.int32),
-        "loss_mask": np.zeros((rows, length), np.float32),
-        "sequence_ids": np.full((rows, length), -1, np.int32),
-        "pair_mask": np.zeros((slots,), np.float32),
-        "example_index": np.full((slots,), -1, np.int64),
-    }
+    batch = {key: np.full((rows, length), fill, np.float32 if key == "loss_mask" else np.int32)
+             for key, fill in _row_fill(pad_id).items()}
+    batch.update(pair_mask=np.zeros((slots,), np.float32), example_index=np.full((slots,), -1, np.int64))
+    return batch
 
 
 def _fill(
@@ -130,34 +146,40 @@ def padded_batch(
                  total_slots=n if total_slots is None else total_slots)
 
 
+def _first_fit_decreasing(lengths: Sequence[tuple[int, ...]], rows: int, length: int) -> tuple[list[Placement], int] | None:
+    """Every sequence of every item, longest first, into the first of ``rows`` rows with room.
+    Returns the placements per item and the rows used, or None if they need more rows."""
+    order = sorted(((n, i, s) for i, item in enumerate(lengths) for s, n in enumerate(item)), key=lambda t: -t[0])
+    fill = np.zeros(rows, np.int64)
+    place: list[list[tuple[int, int]]] = [[(0, 0)] * len(item) for item in lengths]
+    for n, i, s in order:
+        row = int(np.argmax(fill + n <= length))
+        if fill[row] + n > length:
+            return None
+        place[i][s] = (row, int(fill[row]))
+        fill[row] += n
+    return [tuple(p) for p in place], int(np.count_nonzero(fill))
+
+
 def plan_pack(
     lengths: Sequence[tuple[int, ...]], *, slots: int, rows: int, length: int
 ) -> tuple[list[Placement], int]:
-    """First-fit placement of consecutive items into ``rows`` rows of ``length`` tokens.
+    """Packs the longest run of leading items of ``lengths[:slots]`` that fits ``rows`` rows
+    of ``length`` tokens (``lengths[i]``: the sequence lengths of item ``i``).
 
-    ``lengths[i]`` holds the sequence lengths of item ``i``. Items are taken in order while
-    there is a free slot and all of the item's sequences fit (each in the first row with room);
-    the first item that does not fit closes the batch. Returns the placements and the number
-    of items taken. ``ValueError`` if the first item does not fit in an empty batch.
+    Placement is first-fit decreasing: the batch's sequences, longest first, each into the
+    first row with room (ties in item order). Returns the items' placements (their number is
+    the number of items taken) and the number of rows they use, which are the first ones.
+    ``ValueError`` if the first item alone does not fit.
     """
-    fill = [0] * rows
-    out: list[Placement] = []
-    for item in lengths[:slots]:
-        trial = list(fill)
-        place = []
-        for n in item:
-            row = next((r for r in range(rows) if trial[r] + n <= length), None)
-            if row is None:
-                break
-            place.append((row, trial[row]))
-            trial[row] += n
-        if len(place) < len(item):
-            if not out:
-                raise ValueError(f"an item with sequence lengths {item} does not fit {rows} rows of {length} tokens")
-            break
-        fill = trial
-        out.append(tuple(place))
-    return out, len(out)
+    items = list(lengths[:slots])
+    # a prefix with more tokens than the rows hold cannot fit: start from the longest that might
+    might_fit = int(np.count_nonzero(np.cumsum([sum(item) for item in items]) <= rows * length))
+    for n in range(might_fit, 0, -1):
+        placed = _first_fit_decreasing(items[:n], rows, length)
+        if placed is not None:
+            return placed
+    raise ValueError(f"an item with sequence lengths {items[0] if items else ()} does not fit {rows} rows of {length} tokens")
 
 
 def packed_batch(

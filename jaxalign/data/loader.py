@@ -13,10 +13,14 @@ slot numbers (slot ``q * B/C + j``), so the per-shard batches concatenate (in sh
 into one batch of the contract.
 
 Packing (``packing=True``): each shard packs its own stream ``order[q::C]`` with
-``plan_pack`` into ``pack_rows`` rows of ``pack_length`` tokens, taking up to ``B / C`` pairs
-per batch; the epoch has as many batches as the longest shard's plan (every process computes
-all shards' plans from the lengths alone, no communication), shorter shards end with
-all-filler batches.
+``plan_pack`` (first-fit decreasing), taking up to ``B / C`` pairs per batch and at most
+``pack_rows`` rows of ``pack_length`` tokens (fewer pairs when the next one does not fit).
+Batch ``k`` has as many rows as the shard that needs most of them uses, rounded up to a
+multiple of ``row_multiple``, so that every shard's batch has the same shape while padding
+stays small: a loader yields at most ``pack_rows / row_multiple`` shapes, one compilation
+each. The epoch has as many batches as the longest shard's plan (every process computes all
+shards' plans from the lengths alone, no communication); shorter shards end with all-filler
+batches.
 
 State. ``get_state()`` is a small JSON-serialisable dict (epoch, batch within the epoch, and
 checks: seed, example count, data fingerprint, batch size, layout); ``set_state`` restores it
@@ -38,6 +42,8 @@ from jaxalign.data.dataset import EncodedDataset, lengths_of
 __all__ = ["Loader"]
 
 STATE_VERSION = 1
+# How packed batches are planned; a saved packed position means nothing under another rule.
+PACK_RULE = "first-fit-decreasing, rows as used"
 
 
 def _default_shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
@@ -97,12 +103,15 @@ class Loader:
             self.pack_length = pack_length or bucket_length(int(self.max_len.max()), buckets)
             if int(self.max_len.max()) > self.pack_length:
                 raise ValueError(f"pack_length {self.pack_length} is shorter than the longest sequence {self.max_len.max()}")
+            if pack_rows and (pack_rows < 0 or pack_rows % row_multiple):  # 0 / None: default_pack_rows
+                raise ValueError(f"pack_rows {pack_rows} must be a positive multiple of {row_multiple} "
+                                 "(the devices that split a batch's rows)")
             self.pack_rows = pack_rows or self.default_pack_rows(row_multiple)
         elif int(self.max_len.max()) > self.buckets[-1]:
             raise ValueError(f"the longest sequence ({self.max_len.max()}) exceeds the largest bucket {self.buckets[-1]}")
         self._epoch, self._batch = 0, 0
         self._plan_epoch: int | None = None
-        self._plan: tuple[np.ndarray, list, int] | None = None
+        self._plan: tuple[np.ndarray, list, list[int]] | None = None
 
     def with_examples(self, examples: list, **changes: Any) -> Loader:
         """A loader with this one's settings (shards, layout, order, mask, ...) over other
@@ -119,10 +128,16 @@ class Loader:
     # -- shapes ---------------------------------------------------------------------------
 
     def default_pack_rows(self, row_multiple: int = 1) -> int:
-        """Rows for the average example: ``ceil(mean tokens per slot * slots / pack_length) + 1``."""
+        """The most rows a packed batch may take: room for a quarter more tokens than an average
+        batch, plus one row, ``ceil(1.25 * mean tokens per slot * slots / pack_length) + 1``
+        (a batch with more takes fewer pairs), rounded up to ``row_multiple``."""
         mean = float(np.mean([sum(x) for x in self.lengths]))
-        rows = max(self.seqs_per_slot, math.ceil(mean * self.local_slots / self.pack_length) + 1)
-        return -(-rows // row_multiple) * row_multiple
+        rows = max(self.seqs_per_slot, math.ceil(1.25 * mean * self.local_slots / self.pack_length) + 1)
+        return self._round_rows(rows, row_multiple)
+
+    @staticmethod
+    def _round_rows(rows: int, row_multiple: int) -> int:
+        return max(1, -(-rows // row_multiple)) * row_multiple
 
     # -- epoch plans ------------------------------------------------------------------------
 
@@ -132,38 +147,55 @@ class Loader:
             return np.arange(n)
         return np.random.default_rng([self.seed, epoch]).permutation(n)
 
-    def _pack_shard(self, stream: np.ndarray) -> list[tuple[int, list]]:
-        """Batches of one shard's stream: ``(first position in stream, placements)``."""
+    def _pack_shard(self, stream: np.ndarray) -> list[tuple[int, list, int]]:
+        """Batches of one shard's stream: ``(first position in stream, placements, rows used)``."""
         lengths = [self.lengths[i] for i in stream]
         out, start = [], 0
         while start < len(lengths):
-            place, taken = plan_pack(
+            place, rows = plan_pack(
                 lengths[start:start + self.local_slots], slots=self.local_slots, rows=self.pack_rows, length=self.pack_length
             )
-            out.append((start, place))
-            start += taken
+            out.append((start, place, rows))
+            start += len(place)
         return out
 
-    def _epoch_plan(self, epoch: int) -> tuple[np.ndarray, list, int]:
-        """``(order, this shard's packed batches or [], number of batches in the epoch)``."""
+    def _epoch_plan(self, epoch: int) -> tuple[np.ndarray, list, list[int]]:
+        """``(order, this shard's packed batches or [], rows of each batch)``; padded batches
+        have no fixed row count (``rows`` only gives their number)."""
         if self._plan_epoch == epoch:
             return self._plan
         order = self._order(epoch)
         if self.packing:
             plans = [self._pack_shard(order[q::self.shard_count]) for q in range(self.shard_count)]
-            plan = (order, plans[self.shard_index], max(len(p) for p in plans))
+            used = np.zeros((len(plans), max(len(p) for p in plans)), np.int64)
+            for q, p in enumerate(plans):
+                used[q, :len(p)] = [rows for _, _, rows in p]
+            rows = [self._round_rows(int(r), self.row_multiple) for r in used.max(axis=0)]
+            plan = (order, plans[self.shard_index], rows)
         else:
-            plan = (order, [], math.ceil(len(order) / self.batch_size))
+            plan = (order, [], [0] * math.ceil(len(order) / self.batch_size))
         self._plan_epoch, self._plan = epoch, plan
         return plan
 
     def batches_in_epoch(self, epoch: int | None = None) -> int:
-        return self._epoch_plan(self._epoch if epoch is None else epoch)[2]
+        return len(self._epoch_plan(self._epoch if epoch is None else epoch)[2])
+
+    def batch_shapes(self, epoch: int) -> list[tuple[int, int]]:
+        """``(rows, length)`` of this shard's batches in ``epoch``, without building them (what a
+        caller compiles ahead of time)."""
+        order, _, rows = self._epoch_plan(epoch)
+        if self.packing:
+            return [(r, self.pack_length) for r in rows]
+        b = self.batch_size
+        return [(self.seqs_per_slot * self.local_slots,
+                 bucket_length(int(self.max_len[order[k * b:(k + 1) * b]].max()), self.buckets))
+                for k in range(len(rows))]
 
     # -- batches ----------------------------------------------------------------------------
 
-    def _batch_at(self, epoch: int, k: int) -> dict[str, np.ndarray]:
-        order, shard_plan, _ = self._epoch_plan(epoch)
+    def batch_at(self, epoch: int, k: int) -> dict[str, np.ndarray]:
+        """Batch ``k`` of ``epoch`` (what iteration yields there; the position does not move)."""
+        order, shard_plan, rows = self._epoch_plan(epoch)
         offset = self.shard_index * self.local_slots
         common = dict(pad_id=self.pad_id, mask=self.mask, slot_offset=offset, total_slots=self.batch_size)
         if not self.packing:
@@ -176,10 +208,10 @@ class Loader:
         slots: list = [None] * self.local_slots
         places: list = [None] * self.local_slots
         if k < len(shard_plan):
-            start, place = shard_plan[k]
+            start, place, _ = shard_plan[k]
             for j, pl in enumerate(place):
                 slots[j], places[j] = self.examples[stream[start + j]], pl
-        return packed_batch(slots, places, rows=self.pack_rows, length=self.pack_length, **common)
+        return packed_batch(slots, places, rows=rows[k], length=self.pack_length, **common)
 
     def __iter__(self) -> Loader:
         return self
@@ -187,7 +219,7 @@ class Loader:
     def __next__(self) -> dict[str, np.ndarray]:
         if self.num_epochs is not None and self._epoch >= self.num_epochs:
             raise StopIteration
-        batch = self._batch_at(self._epoch, self._batch)
+        batch = self.batch_at(self._epoch, self._batch)
         self._batch += 1
         if self._batch >= self.batches_in_epoch(self._epoch):
             self._epoch, self._batch = self._epoch + 1, 0
@@ -209,7 +241,8 @@ class Loader:
             "packing": self.packing,
         }
         if self.packing:  # packed batches depend on how the stream is split into shards
-            checks.update(shard_count=self.shard_count, pack_rows=self.pack_rows, pack_length=self.pack_length)
+            checks.update(shard_count=self.shard_count, pack_rows=self.pack_rows, pack_length=self.pack_length,
+                          pack_rule=PACK_RULE)
         return checks
 
     def get_state(self) -> dict[str, Any]:

@@ -97,7 +97,7 @@ def build_loaders_from_config(
     """Train and eval loaders from the trainer's config.
 
     Uses ``config.seed``, ``config.data.{train, eval, eval_pairs, format, max_length,
-    max_prompt_length, batch_size, micro_batch_size, packing, buckets, shuffle,
+    max_prompt_length, batch_size, micro_batch_size, packing, pack_rows, buckets, shuffle,
     on_bad_record}``, ``config.loss.name`` (``sft`` -> SFT examples; ``dove`` -> prompt +
     completion masks) and ``config.eval.batch_size``. The train loader yields micro-batches of
     ``micro_batch_size`` pairs (``batch_size`` when 0): a step consumes
@@ -125,7 +125,7 @@ def build_loaders_from_config(
         row_multiple=row_multiple,
     )
     train = loader_for(train_set, tokenizer, batch_size=d.micro_batch_size or d.batch_size, train=True,
-                       seed=config.seed, shuffle=d.shuffle, **options)
+                       seed=config.seed, shuffle=d.shuffle, pack_rows=d.pack_rows or None, **options)
     evaluation = None
     if eval_set is not None:
         evaluation = loader_for(eval_set, tokenizer, batch_size=config.eval.batch_size, train=False, **options)

@@ -76,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.batch_size = 8  # pairs (examples for SFT) per optimizer step, over all processes
     c.data.micro_batch_size = 0  # pairs per gradient-accumulation micro-batch (0 = batch_size)
     c.data.packing = False  # pack several sequences per row (segment ids)
+    c.data.pack_rows = 0  # packing: most rows per micro-batch (0 = room for 1.25x an average batch's tokens + 1 row)
     c.data.buckets = (64, 128, 256, 512)  # padded row lengths (a batch uses the smallest that fits)
     c.data.shuffle = True  # reshuffle every epoch (seeded by `seed`)
     c.data.on_bad_record = "error"  # error | skip (skipped records are counted and reported)
@@ -188,8 +189,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
 # Fields that must be >= 1 / >= 0.
 _POSITIVE = ("data.batch_size", "data.max_length", "data.max_prompt_length", "eval.batch_size", "log_every")
 _NON_NEGATIVE = (
-    "steps", "epochs", "eval_every", "checkpoint_every", "data.micro_batch_size", "data.eval_pairs",
-    "optimizer.learning_rate", "optimizer.warmup_steps", "optimizer.max_grad_norm",
+    "steps", "epochs", "eval_every", "checkpoint_every", "data.micro_batch_size", "data.pack_rows",
+    "data.eval_pairs", "optimizer.learning_rate", "optimizer.warmup_steps", "optimizer.max_grad_norm",
     "optimizer.weight_decay", "checkpoint.keep", "eval.max_batches", "model.logits_chunk",
     "reference.cache_batch_size", "max_consecutive_nonfinite",
 )

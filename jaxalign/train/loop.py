@@ -99,25 +99,11 @@ class RunResult:
 _SHOWN = ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/sft/nll")
 
 
-def _pad_rows(batch: dict[str, np.ndarray], length: int, pad_id: int) -> dict[str, np.ndarray]:
-    """Right-pads every ``[R, L]`` array of a batch to ``length`` (masks 0, sequence id -1)."""
-    current = batch["input_ids"].shape[1]
-    if current == length:
-        return batch
-    fill = {"input_ids": pad_id, "sequence_ids": -1}
-    out = dict(batch)
-    for key in ("input_ids", "positions", "segment_ids", "loss_mask", "sequence_ids"):
-        out[key] = np.pad(batch[key], [(0, 0), (0, length - current)], constant_values=fill.get(key, 0))
-    return out
-
-
 def _step_batches(run: Run) -> Iterator[dict[str, np.ndarray]]:
-    """Stacked ``[A, ...]`` step batches from the train loader (micro-batches padded alike)."""
+    """Stacked ``[A, ...]`` step batches from the train loader."""
     loader = run.train_loader
     while True:
-        micro = [next(loader) for _ in range(run.accum)]
-        length = max(b["input_ids"].shape[1] for b in micro)
-        yield stack_micro_batches([_pad_rows(b, length, loader.pad_id) for b in micro])
+        yield stack_micro_batches([next(loader) for _ in range(run.accum)], pad_id=loader.pad_id)
 
 
 def evaluate(run: Run, params: Any) -> dict[str, float]:

@@ -224,10 +224,9 @@ def _local_batch_devices(mesh: Mesh, shard_count: int) -> int:
 def _cache_loader(loader: Loader, batch_size: int) -> Loader:
     """One unshuffled pass over a loader's examples in its layout, ``batch_size`` pairs per batch.
 
-    Packed (``loader.packing``): rows of the loader's ``pack_length``, as many as the loader's
-    rule gives for ``batch_size`` pairs (``ceil(mean tokens per pair * pairs per shard /
-    pack_length) + 1``, rounded up to the loader's ``row_multiple`` so that the rows split over
-    the mesh). Padded: the examples sorted by length, so that each batch pads to the smallest
+    Packed (``loader.packing``): rows of the loader's ``pack_length``, at most as many as the
+    loader's rule gives for ``batch_size`` pairs (``Loader.default_pack_rows``, in multiples of
+    the loader's ``row_multiple`` so that the rows split over the mesh). Padded: the examples sorted by length, so that each batch pads to the smallest
     bucket that fits similar lengths. The order does not matter: the sums are keyed by
     ``example_index``.
     """

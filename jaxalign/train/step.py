@@ -41,6 +41,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxalign.data.batching import pad_batch
 from jaxalign.losses.reductions import safe_ratio
 from jaxalign.train import forward
 from jaxalign.train.guard import guarded_state, inject_nan
@@ -55,12 +56,17 @@ Metrics = dict[str, jax.Array]
 REFERENCE_KEYS = ("ref_chosen_logps", "ref_rejected_logps", "ref_calibration_logps")
 
 
-def stack_micro_batches(batches: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stacks ``A`` micro-batches (same keys and shapes) into one ``[A, ...]`` step batch."""
+def stack_micro_batches(batches: list[dict[str, Any]], pad_id: int = 0) -> dict[str, Any]:
+    """Stacks ``A`` micro-batches (same keys) into one ``[A, ...]`` step batch, their token
+    arrays first padded to the largest rows and length among them (``pad_batch``: padded
+    batches differ in length, packed ones in rows; empty positions change no sum)."""
     keys = batches[0].keys()
     for i, b in enumerate(batches):
         if b.keys() != keys:
             raise ValueError(f"micro-batch {i} has keys {sorted(b)}, expected {sorted(keys)}")
+    rows = max(b["input_ids"].shape[0] for b in batches)
+    length = max(b["input_ids"].shape[1] for b in batches)
+    batches = [pad_batch(b, rows=rows, length=length, pad_id=pad_id) for b in batches]
     return {k: np.stack([np.asarray(b[k]) for b in batches]) for k in keys}
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxalign import losses
-from jaxalign.data import BATCH_KEYS, Encoder, bucket_length, loss_mask, packed_batch, padded_batch, plan_pack
+from jaxalign.data import BATCH_KEYS, Encoder, bucket_length, loss_mask, pad_batch, packed_batch, padded_batch, plan_pack
 from jaxalign.data.dataset import encode_records, read_records
 from jaxalign.models import ModelConfig, make_model
 
@@ -78,23 +78,42 @@ def test_padded_layout(hh_pairs):
 
 def test_packed_layout(hh_pairs):
     lengths = [tuple(len(s) for s in e.sequences) for e in hh_pairs]
-    places, taken = plan_pack(lengths, slots=6, rows=5, length=128)
-    assert 0 < taken <= 6
+    places, used = plan_pack(lengths, slots=6, rows=5, length=128)
+    taken = len(places)
+    assert 0 < taken <= 6 and 0 < used <= 5
     slots = hh_pairs[:taken] + [None] * (6 - taken)
-    batch = packed_batch(slots, places + [None] * (6 - taken), rows=5, length=128, pad_id=2, mask="prompt_and_completion")
-    _check_types(batch, 5, 128, 6)
+    batch = packed_batch(slots, places + [None] * (6 - taken), rows=used, length=128, pad_id=2,
+                         mask="prompt_and_completion")
+    _check_types(batch, used, 128, 6)
     _check_sequences(batch, slots, "prompt_and_completion")
     assert max(len(set(r[r > 0].tolist())) for r in batch["segment_ids"]) >= 2  # rows do hold several sequences
-    if taken < 6:  # the next item did not fit: first-fit finds no row for one of its sequences
-        fill = (batch["segment_ids"] > 0).sum(axis=1).tolist()
-        fits = True
-        for n in lengths[taken]:
-            row = next((r for r in range(5) if fill[r] + n <= 128), None)
-            if row is None:
-                fits = False
-                break
-            fill[row] += n
-        assert not fits
+    assert (batch["segment_ids"] > 0).any(axis=1).all()  # the rows used are the first ones: none is empty
+
+
+def test_plan_pack_is_first_fit_decreasing():
+    # In item order, first fit needs 4 rows of 10 ([2, 5, 1], [4, 3], [7], [8]); longest first
+    # it fills 3 exactly: [8, 2], [7, 3], [5, 4, 1].
+    places, used = plan_pack([(2, 5), (4, 7), (1, 3), (8,)], slots=4, rows=4, length=10)
+    assert used == 3
+    assert places == [((0, 8), (2, 0)), ((2, 5), (1, 0)), ((2, 9), (1, 7)), ((0, 0),)]
+
+
+def test_plan_pack_takes_the_longest_leading_run_that_fits():
+    assert plan_pack([(8,), (8,), (3,)], slots=3, rows=2, length=10) == ([((0, 0),), ((1, 0),)], 2)
+    # 18 tokens would fit 2 rows of 10 by count, but no placement does: two items are taken
+    assert plan_pack([(6,), (6,), (6,)], slots=3, rows=2, length=10) == ([((0, 0),), ((1, 0),)], 2)
+    assert plan_pack([(3,), (3,), (3,)], slots=2, rows=2, length=10) == ([((0, 0),), ((0, 3),)], 1)  # at most `slots`
+
+
+def test_pad_batch_adds_empty_rows_and_columns(hh_pairs):
+    batch = padded_batch(hh_pairs[:2], length=128, pad_id=2)
+    wider = pad_batch(batch, rows=6, length=160, pad_id=2)
+    _check_types(wider, 6, 160, 2)
+    _check_sequences(wider, hh_pairs[:2], "completion")
+    assert (wider["input_ids"][4:] == 2).all() and (wider["input_ids"][:, 128:] == 2).all()
+    assert pad_batch(batch, rows=4, length=128, pad_id=2) is batch
+    with pytest.raises(ValueError, match=r"cannot pad a \[4, 128\] batch to \[2, 128\]"):
+        pad_batch(batch, rows=2, length=128, pad_id=2)
 
 
 def test_sft_slots_and_buckets(hh_pairs):
@@ -126,8 +145,8 @@ def test_packing_gives_the_same_logps_as_padding(hh_pairs, bpe_tokenizer):
 
     P = len(hh_pairs)
     lengths = [tuple(len(s) for s in e.sequences) for e in hh_pairs]
-    places, taken = plan_pack(lengths, slots=P, rows=P, length=128)
-    assert taken == P
+    places, _ = plan_pack(lengths, slots=P, rows=P, length=128)
+    assert len(places) == P
     sums = {}
     for layout in ("padded", "packed"):
         for mode in ("completion", "prompt_and_completion"):

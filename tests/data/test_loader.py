@@ -120,7 +120,8 @@ def test_pipeline_on_the_fixture(bpe_tokenizer, hh_path):
                           on_bad_record="skip", shard_index=0, shard_count=1, packing=True, buckets=(128,))
     assert loader.report.num_records == 199 and len(loader.report.bad) == 1
     batch = next(loader)
-    assert batch["input_ids"].shape == (loader.pack_rows, 128) and batch["pair_mask"].sum() >= 1
+    rows, length = batch["input_ids"].shape
+    assert length == 128 and rows <= loader.pack_rows and batch["pair_mask"].sum() == 8
 
 
 def test_loaders_from_the_trainer_config(bpe_tokenizer, hh_path):
@@ -186,3 +187,35 @@ def test_with_examples_keeps_the_settings_and_sizes_packed_rows_again(packing):
     if packing:
         assert longer.pack_length == 64 and longer.pack_rows % 3 == 0
         assert longer.pack_rows == longer.default_pack_rows(3)  # sized for its own examples and batch
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_packed_batches_take_the_rows_they_need(shards):
+    """A packed batch has the rows its pairs use on the shard that uses most, rounded up to
+    ``row_multiple``; ``batch_shapes`` and ``batch_at`` tell what iteration yields."""
+    multiple = shards  # two processes: say each splits its rows over 2 devices
+    loaders = [Loader(_dataset(), batch_size=4, pad_id=0, seed=7, packing=True, pack_length=64, pack_rows=4,
+                      row_multiple=multiple, shard_index=q, shard_count=shards) for q in range(shards)]
+    seen_rows = set()
+    for epoch in range(2):
+        shapes = loaders[0].batch_shapes(epoch)
+        assert all(lo.batch_shapes(epoch) == shapes for lo in loaders)
+        per_shard = [_take(lo, len(shapes)) for lo in loaders]
+        for k, batches in enumerate(zip(*per_shard)):
+            rows = shapes[k][0]
+            assert all(b["input_ids"].shape == (rows, 64) for b in batches)
+            used = max(int((b["segment_ids"] > 0).any(axis=1).sum()) for b in batches)
+            assert rows == max(1, -(-used // multiple)) * multiple <= 4
+            _same([loaders[0].batch_at(epoch, k)], [batches[0]])
+            if k < len(shapes) - 1:  # 8 sequences of <= 41 tokens always fit 4 rows of 64: whole batches
+                assert sum(b["pair_mask"].sum() for b in batches) == 4
+            seen_rows.add(rows)
+    assert len(seen_rows) > 1  # rows follow the batch instead of a fixed worst case
+
+
+def test_batch_shapes_of_padded_batches_and_pack_rows_check():
+    loader = _loader()
+    assert loader.batch_shapes(1) == [b["input_ids"].shape for b in _take(loader, 12)[6:]]
+    with pytest.raises(ValueError, match="pack_rows 3 must be a positive multiple of 2"):
+        Loader(_dataset(), batch_size=4, pad_id=0, packing=True, pack_length=64, pack_rows=3, row_multiple=2,
+               shard_index=0, shard_count=1)

@@ -28,8 +28,8 @@ def _pair(rng, index, prompt, chosen, rejected):
 def packed():
     rng = np.random.default_rng(0)
     pairs = [_pair(rng, i, p, c, r) for i, (p, c, r) in enumerate([(5, 3, 6), (9, 2, 2), (3, 7, 4)])]
-    place, taken = plan_pack([tuple(len(s) for s in p.sequences) for p in pairs], slots=4, rows=3, length=24)
-    assert taken == 3
+    place, used = plan_pack([tuple(len(s) for s in p.sequences) for p in pairs], slots=4, rows=3, length=24)
+    assert len(place) == 3 and used == 3
     batch = packed_batch(pairs + [None], place + [None], rows=3, length=24, pad_id=0)
     return {k: jnp.asarray(v) for k, v in batch.items()}
 

@@ -105,6 +105,17 @@ def test_accumulation_1x8_equals_4x2(loss_name, records, tokenizer, tmp_path, mo
     assert m1["num_pairs"] == m4["num_pairs"] == 7
 
 
+def test_packed_accumulation_pads_micro_batches_to_common_rows(records, tokenizer, tmp_path, model_parts,
+                                                               other_reference):
+    full = batches(records[:8], tokenizer, tmp_path, batch_size=8, packing=True)
+    micro = batches(records[:8], tokenizer, tmp_path, batch_size=3, packing=True)  # 3 + 3 + 2 pairs, 1 filler
+    assert [b["input_ids"].shape[0] for b in micro] == [3, 3, 2]  # one row per pair here: rows differ
+    m1, g1 = sgd_step(model_parts, "dpo", full, ref_params=other_reference)
+    m4, g4 = sgd_step(model_parts, "dpo", micro, ref_params=other_reference)  # stacked: padded to common rows
+    assert abs(m1["loss"] - m4["loss"]) <= 1e-5 and m1["num_pairs"] == m4["num_pairs"] == 8
+    assert max_abs_diff(g1, g4) <= 1e-5
+
+
 def test_sft_accumulation_normalises_by_global_tokens(records, tokenizer, tmp_path, model_parts):
     rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in records[:8]]
     full = batches(rows, tokenizer, tmp_path, batch_size=8)
