@@ -140,8 +140,8 @@ def _install_full_lm_head() -> None:
 
     scored_only = forward.token_logps
 
-    def token_logps(graphdef: Any, params: Any, batch: dict[str, Any], *, chunk: int = 0) -> Any:
-        return scored_only(graphdef, params, {**batch, "loss_mask": jnp.ones_like(batch["loss_mask"])}, chunk=chunk)
+    def token_logps(graphdef: Any, params: Any, batch: dict[str, Any], **layout: Any) -> Any:
+        return scored_only(graphdef, params, {**batch, "loss_mask": jnp.ones_like(batch["loss_mask"])}, **layout)
 
     forward.token_logps = token_logps
 

@@ -3,7 +3,15 @@
 See ``jaxalign/data/README.md`` for the API and ``docs/architecture.md`` for the batch contract.
 """
 
-from jaxalign.data.batching import BATCH_KEYS, bucket_length, loss_mask, pad_batch, packed_batch, padded_batch, plan_pack
+from jaxalign.data.batching import (
+    BATCH_KEYS,
+    bucket_length,
+    loss_mask,
+    pad_batch,
+    packed_batch,
+    padded_batch,
+    plan_pack,
+)
 from jaxalign.data.dataset import DataReport, EncodedDataset, encode_records, load_dataset, read_records
 from jaxalign.data.encoding import EncodedExample, EncodedPair, EncodedSequence, Encoder
 from jaxalign.data.formats import FORMATS, KeyMap, detect_format, parse_row

@@ -146,7 +146,9 @@ def padded_batch(
                  total_slots=n if total_slots is None else total_slots)
 
 
-def _first_fit_decreasing(lengths: Sequence[tuple[int, ...]], rows: int, length: int) -> tuple[list[Placement], int] | None:
+def _first_fit_decreasing(
+    lengths: Sequence[tuple[int, ...]], rows: int, length: int
+) -> tuple[list[Placement], int] | None:
     """Every sequence of every item, longest first, into the first of ``rows`` rows with room.
     Returns the placements per item and the rows used, or None if they need more rows."""
     order = sorted(((n, i, s) for i, item in enumerate(lengths) for s, n in enumerate(item)), key=lambda t: -t[0])
@@ -179,7 +181,8 @@ def plan_pack(
         placed = _first_fit_decreasing(items[:n], rows, length)
         if placed is not None:
             return placed
-    raise ValueError(f"an item with sequence lengths {items[0] if items else ()} does not fit {rows} rows of {length} tokens")
+    first = items[0] if items else ()
+    raise ValueError(f"an item with sequence lengths {first} does not fit {rows} rows of {length} tokens")
 
 
 def packed_batch(

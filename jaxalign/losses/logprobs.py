@@ -16,6 +16,7 @@ each chunk in the backward pass (``jax.checkpoint``), so neither pass holds a fl
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
@@ -129,6 +130,7 @@ def token_logps_from_hidden(
     chunk_size: int,
     segment_ids: jax.Array | None = None,
     loss_mask: jax.Array | None = None,
+    row_groups: int | None = None,
 ) -> jax.Array:
     """Label-aligned per-token log-probs ``[B, L]`` from final hidden states, in chunks.
 
@@ -139,11 +141,15 @@ def token_logps_from_hidden(
     ``unembedding`` to have its gradient accumulated over the chunks in float32.
 
     With ``loss_mask`` only the tokens it scores (``loss_mask > 0``) are computed; every other
-    token gets 0. Each row's predicting positions are stably sorted so that the scored ones come
-    first, and only the chunks below the largest per-row count run (``lax.cond``, decided on the
-    device: shapes stay static). For DPO, where the completions are about a third of the
-    tokens, this skips most of the unembedding, the largest matmul of a small model's step.
-    Where ``loss_mask > 0`` values and gradients equal those without it.
+    token gets 0. The predicting positions are stably sorted so that the scored ones come
+    first, and only the chunks below the largest count run (``lax.cond``, decided on the
+    device: shapes stay static). The sort is within each row (``row_groups=None``), or within
+    each of ``row_groups`` groups of consecutive rows, whose positions then form one sequence
+    (``chunk_size`` positions per group and chunk): with rows split over devices, one group
+    per device keeps the gathers on their devices, and fewer groups waste fewer positions on
+    the rows with fewer scored tokens than the fullest. For DPO, where the completions are
+    about a third of the tokens, this skips most of the unembedding, the largest matmul of a
+    small model's step. Where ``loss_mask > 0`` values and gradients equal those without it.
     """
     if hidden.ndim != 3 or unembedding.ndim != 2 or hidden.shape[-1] != unembedding.shape[0]:
         raise ValueError(
@@ -180,13 +186,19 @@ def token_logps_from_hidden(
                 f"got {list(loss_mask.shape)}"
             )
         scored = _next_tokens(loss_mask) > 0
-        order = jnp.argsort(jnp.logical_not(scored), axis=1, stable=True)
-        count = jnp.max(jnp.sum(scored, axis=1, dtype=jnp.int32))
-        # Row-wise gathers keep the batch axis, so a batch sharded over devices stays sharded.
-        sorted_hidden = jnp.take_along_axis(hidden, order[..., None], axis=1)
-        sorted_labels = jnp.take_along_axis(labels, order, axis=1)
+        rows, length = scored.shape
+        groups = rows if row_groups is None else math.gcd(rows, row_groups)
+
+        def grouped(x: jax.Array) -> jax.Array:  # [B, L, ...] -> [G, B / G * L, ...]
+            return x.reshape((groups, rows // groups * length) + x.shape[2:])
+
+        order = jnp.argsort(jnp.logical_not(grouped(scored)), axis=1, stable=True)
+        count = jnp.max(jnp.sum(grouped(scored), axis=1, dtype=jnp.int32))
+        # Gathers along the group axis keep it: a batch whose groups sit on devices stays there.
+        sorted_hidden = jnp.take_along_axis(grouped(hidden), order[..., None], axis=1)
+        sorted_labels = jnp.take_along_axis(grouped(labels), order, axis=1)
         by_rank = _map_over_sequence(chunk_logps, (sorted_hidden, sorted_labels), chunk_size, active=count)
-        predicted = jnp.take_along_axis(by_rank, jnp.argsort(order, axis=1), axis=1)
+        predicted = jnp.take_along_axis(by_rank, jnp.argsort(order, axis=1), axis=1).reshape(rows, length)
         predicted = jnp.where(scored, predicted, jnp.zeros_like(predicted))
     return _label_align("token_logps_from_hidden", predicted, segment_ids)
 

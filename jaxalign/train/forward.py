@@ -16,6 +16,7 @@ per-token and per-sequence quantities are float32.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -28,17 +29,20 @@ __all__ = ["hidden_states", "init_reward_head", "logits_chunk_size", "sequence_l
 
 Batch = dict[str, jax.Array]
 
-# Budget for one chunk of float32 logits: rows * chunk * vocab * 4 bytes. Small chunks also
-# waste less on the last, partly scored chunk of each row.
+# Budget for one chunk of float32 logits: rows * chunk * vocab * 4 bytes.
 _CHUNK_BYTES = 64 * 2**20
+# At most this many positions per chunk over all rows: only the scored positions go through the
+# unembedding, ranked first, so the last chunk's unscored rest is what the LM head wastes.
+_CHUNK_POSITIONS = 256
 
 
 def logits_chunk_size(rows: int, length: int, vocab: int, requested: int = 0) -> int:
     """Sequence positions per unembedding chunk: ``requested`` if > 0, else the largest
-    chunk (at least 16, at most ``length``) whose float32 logits fit in 64 MiB."""
+    chunk whose float32 logits fit in 64 MiB and that holds at most 256 positions over the
+    ``rows``; at least 16 and at most ``length``."""
     if requested > 0:
         return min(requested, length)
-    fits = _CHUNK_BYTES // max(rows * vocab * 4, 1)
+    fits = min(_CHUNK_BYTES // max(rows * vocab * 4, 1), _CHUNK_POSITIONS // rows)
     return int(max(min(fits, length), min(16, length)))
 
 
@@ -51,24 +55,32 @@ def hidden_states(graphdef: nnx.GraphDef, params: Any, batch: Batch) -> tuple[ja
     return hidden, model
 
 
-def token_logps(graphdef: nnx.GraphDef, params: Any, batch: Batch, *, chunk: int = 0) -> jax.Array:
+def token_logps(
+    graphdef: nnx.GraphDef, params: Any, batch: Batch, *, chunk: int = 0, row_groups: int = 1
+) -> jax.Array:
     """Label-aligned float32 log-probs ``[R, L]`` under the model of the tokens with
-    ``loss_mask > 0``; 0 on every other token (never projected through the unembedding)."""
+    ``loss_mask > 0``; 0 on every other token (never projected through the unembedding).
+
+    The scored positions are ranked within ``row_groups`` groups of rows (the devices that
+    split the rows; see ``losses.token_logps_from_hidden``); ``chunk`` > 0 sets the positions
+    per row and chunk, which a group of ``R / G`` rows multiplies."""
     hidden, model = hidden_states(graphdef, params, batch)
     unembedding = model.unembedding(dtype=model.config.param_dtype)  # cast per chunk: gradient summed in param_dtype
     rows, length = batch["input_ids"].shape
-    size = logits_chunk_size(rows, length, unembedding.shape[-1], chunk)
+    groups = math.gcd(rows, row_groups)
+    per_group = rows // groups
+    size = logits_chunk_size(groups, per_group * length, unembedding.shape[-1], chunk * per_group)
     return losses.token_logps_from_hidden(
         hidden, unembedding, batch["input_ids"], chunk_size=size, segment_ids=batch["segment_ids"],
-        loss_mask=batch["loss_mask"],
+        loss_mask=batch["loss_mask"], row_groups=groups,
     )
 
 
 def sequence_logps(
-    graphdef: nnx.GraphDef, params: Any, batch: Batch, *, num_sequences: int, chunk: int = 0
+    graphdef: nnx.GraphDef, params: Any, batch: Batch, *, num_sequences: int, chunk: int = 0, row_groups: int = 1
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(token_logps [R, L], sums [S], counts [S])`` with ``S = num_sequences``."""
-    tokens = token_logps(graphdef, params, batch, chunk=chunk)
+    tokens = token_logps(graphdef, params, batch, chunk=chunk, row_groups=row_groups)
     sums, counts = losses.segment_logps(
         tokens, batch["loss_mask"], batch["sequence_ids"], num_sequences=num_sequences
     )

@@ -216,9 +216,14 @@ def _cache_batch_size(config: ml_collections.ConfigDict, loader: Loader, mesh: M
     return size
 
 
+def _batch_devices(mesh: Mesh) -> int:
+    """How many devices split a batch's rows: the mesh's ``data * fsdp``."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
 def _local_batch_devices(mesh: Mesh, shard_count: int) -> int:
-    """How many devices split one process's rows: the mesh's ``data * fsdp`` over the data shards."""
-    return max(1, mesh.shape["data"] * mesh.shape["fsdp"] // shard_count)
+    """How many devices split one process's rows: ``_batch_devices`` over the data shards."""
+    return max(1, _batch_devices(mesh) // shard_count)
 
 
 def _cache_loader(loader: Loader, batch_size: int) -> Loader:
@@ -245,7 +250,8 @@ def _reference_caches(
 
     graphdef, params = reference
     reference_fn = make_reference_fn(
-        graphdef=graphdef, sequences_per_pair=run_pieces["sequences_per_pair"], logits_chunk=config.model.logits_chunk
+        graphdef=graphdef, sequences_per_pair=run_pieces["sequences_per_pair"], logits_chunk=config.model.logits_chunk,
+        row_groups=_batch_devices(mesh),
     )
     tokenizer = run_pieces["tokenizer"]
     cache_dir = config.reference.cache_dir or os.path.join(workdir, "reference_cache")
@@ -354,6 +360,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
     common = dict(
         graphdef=graphdef, objective=objective, reference_mode=resolved.reference.mode,
         reference_graphdef=reference_graphdef, logits_chunk=resolved.model.logits_chunk,
+        row_groups=_batch_devices(mesh),
     )
     train_step = make_train_step(
         optimizer=optimizer, schedule=schedule, state_shardings=state_shardings,

@@ -81,13 +81,15 @@ def _reference_logps(
     reference_params: Any,
     batch: Batch,
     chunk: int,
+    row_groups: int,
 ) -> jax.Array:
     """Reference sequence log-probs ``[S]`` for one micro-batch (zeros when unused)."""
     s = _num_sequences(objective, batch)
     if objective.kind != "pairwise" or reference_mode == "none":
         return jnp.zeros((s,), jnp.float32)
     if reference_mode == "frozen":
-        _, sums, _ = forward.sequence_logps(reference_graphdef, reference_params, batch, num_sequences=s, chunk=chunk)
+        _, sums, _ = forward.sequence_logps(reference_graphdef, reference_params, batch, num_sequences=s, chunk=chunk,
+                                            row_groups=row_groups)
         return jax.lax.stop_gradient(sums)
     if reference_mode == "precomputed":
         parts = [batch[k] for k in REFERENCE_KEYS[: objective.sequences_per_pair]]
@@ -96,7 +98,7 @@ def _reference_logps(
 
 
 def _micro_loss(
-    objective: Objective, graphdef: nnx.GraphDef, chunk: int
+    objective: Objective, graphdef: nnx.GraphDef, chunk: int, row_groups: int
 ) -> Callable[[Any, jax.Array, Batch], tuple[jax.Array, tuple[Metrics, jax.Array]]]:
     """``(params, reference_sums, batch) -> (loss, (metrics, weight))`` for one micro-batch."""
 
@@ -104,11 +106,12 @@ def _micro_loss(
         s = _num_sequences(objective, batch)
         pair_mask = batch["pair_mask"].astype(jnp.float32)
         if objective.kind == "pairwise":
-            _, sums, counts = forward.sequence_logps(graphdef, params["model"], batch, num_sequences=s, chunk=chunk)
+            _, sums, counts = forward.sequence_logps(graphdef, params["model"], batch, num_sequences=s, chunk=chunk,
+                                                     row_groups=row_groups)
             loss, metrics = objective.pairwise_fn(sums, counts, reference, pair_mask)
             weight = jnp.sum(pair_mask)
         elif objective.kind == "sft":
-            tokens = forward.token_logps(graphdef, params["model"], batch, chunk=chunk)
+            tokens = forward.token_logps(graphdef, params["model"], batch, chunk=chunk, row_groups=row_groups)
             mask = real_token_mask(batch)
             loss, metrics = sft_loss(tokens, mask)
             weight = jnp.sum(mask)
@@ -141,6 +144,7 @@ def make_train_step(
     reference_mode: str = "frozen",
     reference_graphdef: nnx.GraphDef | None = None,
     logits_chunk: int = 0,
+    row_groups: int = 1,
     donate: bool = True,
     state_shardings: Any = None,
     batch_sharding: Any = None,
@@ -155,9 +159,11 @@ def make_train_step(
     ``state_shardings`` (a pytree of shardings matching the state) and ``batch_sharding``
     pin the layouts; otherwise they follow the inputs. ``max_consecutive_nonfinite`` halts
     the guard (0 = never); ``nan_at_steps`` is the NaN-injection TEST HOOK (``inject_nan``).
+    ``logits_chunk`` and ``row_groups`` (the devices that split a batch's rows) lay out the LM
+    head (``forward.token_logps``).
     """
     reference_graphdef = graphdef if reference_graphdef is None else reference_graphdef
-    loss_fn = _micro_loss(objective, graphdef, logits_chunk)
+    loss_fn = _micro_loss(objective, graphdef, logits_chunk, row_groups)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state: TrainState, batch: Batch, reference_params: Any = None) -> tuple[TrainState, Metrics]:
@@ -166,7 +172,7 @@ def make_train_step(
 
         def body(grads: Any, micro: Batch):
             reference = _reference_logps(
-                objective, reference_mode, reference_graphdef, reference_params, micro, logits_chunk
+                objective, reference_mode, reference_graphdef, reference_params, micro, logits_chunk, row_groups
             )
             (loss, (metrics, weight)), g = grad_fn(state.params, reference, micro)
             share = safe_ratio(weight, total)
@@ -213,6 +219,7 @@ def make_eval_step(
     reference_mode: str = "frozen",
     reference_graphdef: nnx.GraphDef | None = None,
     logits_chunk: int = 0,
+    row_groups: int = 1,
 ) -> Callable[..., Metrics]:
     """The jitted ``(params, batch, reference_params=None) -> metrics`` on one plain batch.
 
@@ -221,10 +228,11 @@ def make_eval_step(
     batches: ``sum_b weight_b * m_b / sum_b weight_b``.
     """
     reference_graphdef = graphdef if reference_graphdef is None else reference_graphdef
-    loss_fn = _micro_loss(objective, graphdef, logits_chunk)
+    loss_fn = _micro_loss(objective, graphdef, logits_chunk, row_groups)
 
     def evaluate(params: Any, batch: Batch, reference_params: Any = None) -> Metrics:
-        reference = _reference_logps(objective, reference_mode, reference_graphdef, reference_params, batch, logits_chunk)
+        reference = _reference_logps(objective, reference_mode, reference_graphdef, reference_params, batch,
+                                     logits_chunk, row_groups)
         loss, (metrics, weight) = loss_fn(params, reference, batch)
         return {**metrics, "loss": loss, "weight": weight}
 
@@ -232,7 +240,7 @@ def make_eval_step(
 
 
 def make_reference_fn(
-    *, graphdef: nnx.GraphDef, sequences_per_pair: int = 2, logits_chunk: int = 0
+    *, graphdef: nnx.GraphDef, sequences_per_pair: int = 2, logits_chunk: int = 0, row_groups: int = 1
 ) -> Callable[[Any, Batch], jax.Array]:
     """The jitted ``(params, batch) -> sequence log-prob sums [sequences_per_pair * P]``.
 
@@ -242,7 +250,8 @@ def make_reference_fn(
 
     def reference(params: Any, batch: Batch) -> jax.Array:
         s = sequences_per_pair * batch["pair_mask"].shape[0]
-        _, sums, _ = forward.sequence_logps(graphdef, params, batch, num_sequences=s, chunk=logits_chunk)
+        _, sums, _ = forward.sequence_logps(graphdef, params, batch, num_sequences=s, chunk=logits_chunk,
+                                            row_groups=row_groups)
         return sums
 
     return jax.jit(reference)

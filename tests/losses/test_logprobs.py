@@ -150,15 +150,17 @@ def test_hidden_form_equals_logits_form_with_gradients(data):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
+@pytest.mark.parametrize("row_groups", [None, 1, 3])  # ranked per row, over the whole batch, in 3 groups of 1 row
 @pytest.mark.parametrize("chunk_size", [1, 3, L])
-def test_scored_form_equals_full_form_on_scored_tokens_with_gradients(data, chunk_size):
+def test_scored_form_equals_full_form_on_scored_tokens_with_gradients(data, chunk_size, row_groups):
     hidden, w, ids = jnp.asarray(data["hidden"]), jnp.asarray(data["unembedding"]), jnp.asarray(data["ids"])
     # Row 0 scores nothing, row 1 everything, row 2 a scattered subset; packed segments on row 2.
     mask = jnp.asarray(np.stack([np.zeros(L), np.ones(L), data["mask"][2]]).astype(np.float32))
     segments = jnp.asarray([[1] * L, [1] * L, [1, 1, 1, 2, 2, 2, 0]], jnp.int32)
 
     def scored(h, u):
-        return losses.token_logps_from_hidden(h, u, ids, chunk_size=chunk_size, segment_ids=segments, loss_mask=mask)
+        return losses.token_logps_from_hidden(h, u, ids, chunk_size=chunk_size, segment_ids=segments, loss_mask=mask,
+                                              row_groups=row_groups)
 
     def full(h, u):
         return losses.token_logps_from_hidden(h, u, ids, chunk_size=chunk_size, segment_ids=segments)
@@ -174,9 +176,10 @@ def test_scored_form_equals_full_form_on_scored_tokens_with_gradients(data, chun
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
-def test_scored_form_never_projects_the_chunks_past_the_largest_scored_count(data):
+@pytest.mark.parametrize("row_groups", [None, 1])
+def test_scored_form_never_projects_the_chunks_past_the_largest_scored_count(data, row_groups):
     # Only the first two tokens after position 0 are scored in each row, so with chunks of 2
-    # only the first chunk of sorted positions may run: NaN hidden states anywhere else must not
+    # only the first chunk of sorted positions may run (the first 3 over the whole batch): NaN hidden states anywhere else must not
     # reach the values or the gradients (a computed-then-masked chunk would put NaN into the
     # unembedding's gradient).
     ids, w = jnp.asarray(data["ids"]), jnp.asarray(data["unembedding"])
@@ -184,7 +187,8 @@ def test_scored_form_never_projects_the_chunks_past_the_largest_scored_count(dat
     hidden = jnp.asarray(data["hidden"]).at[:, 2:].set(jnp.nan)
 
     def total(h, u):
-        return jnp.sum(losses.token_logps_from_hidden(h, u, ids, chunk_size=2, loss_mask=mask) * mask)
+        return jnp.sum(losses.token_logps_from_hidden(h, u, ids, chunk_size=2, loss_mask=mask, row_groups=row_groups)
+                       * mask)
 
     value, (g_hidden, g_unembedding) = jax.jit(jax.value_and_grad(total, argnums=(0, 1)))(hidden, w)
     expected = losses.token_logps_from_hidden(jnp.asarray(data["hidden"]), w, ids, chunk_size=2)

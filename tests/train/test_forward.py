@@ -34,15 +34,16 @@ def packed():
     return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
+@pytest.mark.parametrize("row_groups", [1, 3])  # the 3 rows as one group, or one group per row
 @pytest.mark.parametrize("chunk", [5, 24])
-def test_token_logps_equal_full_logits_on_scored_tokens_with_gradients(packed, chunk):
+def test_token_logps_equal_full_logits_on_scored_tokens_with_gradients(packed, chunk, row_groups):
     model = make_model(tiny_config("llama", vocab_size=VOCAB, hidden_size=16, num_layers=1, num_heads=2,
                                    max_position=24), seed=1)
     graphdef, params = nnx.split(model, nnx.Param)
     mask = packed["loss_mask"]
 
     def trainer(p):
-        return forward.token_logps(graphdef, p, packed, chunk=chunk)
+        return forward.token_logps(graphdef, p, packed, chunk=chunk, row_groups=row_groups)
 
     def full(p):  # every position through the unembedding, no chunks
         logits = nnx.merge(graphdef, p)(packed["input_ids"], positions=packed["positions"],
@@ -60,7 +61,9 @@ def test_token_logps_equal_full_logits_on_scored_tokens_with_gradients(packed, c
 
 
 def test_default_chunk_keeps_float32_logits_within_budget():
-    assert forward.logits_chunk_size(6, 512, 32000) == 87  # 64 MiB / (6 rows * 32000 * 4 bytes)
+    assert forward.logits_chunk_size(1, 3072, 152064) == 110  # 64 MiB / (152064 * 4 bytes)
+    assert forward.logits_chunk_size(1, 3072, 32000) == 256  # at most 256 positions over the rows
+    assert forward.logits_chunk_size(6, 512, 32000) == 42  # 256 / 6 rows
     assert forward.logits_chunk_size(64, 512, 152064) == 16  # at least 16 positions
     assert forward.logits_chunk_size(1, 100, 10) == 100  # at most the row length
     assert forward.logits_chunk_size(6, 512, 32000, requested=40) == 40
