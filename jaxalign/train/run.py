@@ -231,9 +231,9 @@ def _cache_loader(loader: Loader, batch_size: int) -> Loader:
 
     Packed (``loader.packing``): rows of the loader's ``pack_length``, at most as many as the
     loader's rule gives for ``batch_size`` pairs (``Loader.default_pack_rows``, in multiples of
-    the loader's ``row_multiple`` so that the rows split over the mesh). Padded: the examples sorted by length, so that each batch pads to the smallest
-    bucket that fits similar lengths. The order does not matter: the sums are keyed by
-    ``example_index``.
+    the loader's ``row_multiple`` so that the rows split over the mesh). Padded: the examples
+    sorted by length, so that each batch pads to the smallest bucket that fits similar
+    lengths. The order does not matter: the sums are keyed by ``example_index``.
     """
     examples = loader.examples
     if not loader.packing:
