@@ -122,7 +122,8 @@ def constrained_hidden_states(model, input_ids, *, positions, segment_ids):
 
     Runs the decoder through its documented interface (``embed``, ``position_encoding``,
     ``layers``, ``final_norm``) and ``parallel.with_logical_constraint(x, ("batch", "length",
-    "embed"))`` after the embedding and after each block; the rest (mask, remat policy) as ``CausalLM.hidden_states``.
+    "embed"))`` after the embedding and after each block; the rest (mask, remat policy) as
+    ``CausalLM.hidden_states``.
     Needed only while the models do not constrain activations themselves.
     """
     index = jnp.arange(input_ids.shape[1])

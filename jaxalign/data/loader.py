@@ -24,8 +24,8 @@ batches.
 
 State. ``get_state()`` is a small JSON-serialisable dict (epoch, batch within the epoch, and
 checks: seed, example count, data fingerprint, batch size, layout); ``set_state`` restores it
-in O(1) (plus one epoch plan when packing), after which the loader yields exactly the batches
-an uninterrupted run would have yielded. The state is the same on every shard.
+without replay (one epoch plan, from the lengths alone), after which the loader yields exactly
+the batches an uninterrupted run would have yielded. The state is the same on every shard.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ class Loader:
             raise ValueError(f"the longest sequence ({self.max_len.max()}) exceeds the largest bucket {self.buckets[-1]}")
         self._epoch, self._batch = 0, 0
         self._plan_epoch: int | None = None
-        self._plan: tuple[np.ndarray, list, list[int]] | None = None
+        self._plan: tuple[np.ndarray, list, list[tuple[int, int]]] | None = None
 
     def with_examples(self, examples: list, **changes: Any) -> Loader:
         """A loader with this one's settings (shards, layout, order, mask, ...) over other
@@ -159,9 +159,8 @@ class Loader:
             start += len(place)
         return out
 
-    def _epoch_plan(self, epoch: int) -> tuple[np.ndarray, list, list[int]]:
-        """``(order, this shard's packed batches or [], rows of each batch)``; padded batches
-        have no fixed row count (``rows`` only gives their number)."""
+    def _epoch_plan(self, epoch: int) -> tuple[np.ndarray, list, list[tuple[int, int]]]:
+        """``(order, this shard's packed batches or [], (rows, length) of each batch)``."""
         if self._plan_epoch == epoch:
             return self._plan
         order = self._order(epoch)
@@ -170,10 +169,12 @@ class Loader:
             used = np.zeros((len(plans), max(len(p) for p in plans)), np.int64)
             for q, p in enumerate(plans):
                 used[q, :len(p)] = [rows for _, _, rows in p]
-            rows = [self._round_rows(int(r), self.row_multiple) for r in used.max(axis=0)]
-            plan = (order, plans[self.shard_index], rows)
-        else:
-            plan = (order, [], [0] * math.ceil(len(order) / self.batch_size))
+            shapes = [(self._round_rows(int(r), self.row_multiple), self.pack_length) for r in used.max(axis=0)]
+            plan = (order, plans[self.shard_index], shapes)
+        else:  # every global batch pads to the smallest bucket that fits its longest sequence
+            longest = np.maximum.reduceat(self.max_len[order], np.arange(0, len(order), self.batch_size))
+            rows = self.seqs_per_slot * self.local_slots
+            plan = (order, [], [(rows, bucket_length(int(m), self.buckets)) for m in longest])
         self._plan_epoch, self._plan = epoch, plan
         return plan
 
@@ -183,26 +184,20 @@ class Loader:
     def batch_shapes(self, epoch: int) -> list[tuple[int, int]]:
         """``(rows, length)`` of this shard's batches in ``epoch``, without building them (what a
         caller compiles ahead of time)."""
-        order, _, rows = self._epoch_plan(epoch)
-        if self.packing:
-            return [(r, self.pack_length) for r in rows]
-        b = self.batch_size
-        return [(self.seqs_per_slot * self.local_slots,
-                 bucket_length(int(self.max_len[order[k * b:(k + 1) * b]].max()), self.buckets))
-                for k in range(len(rows))]
+        return list(self._epoch_plan(epoch)[2])
 
     # -- batches ----------------------------------------------------------------------------
 
     def batch_at(self, epoch: int, k: int) -> dict[str, np.ndarray]:
         """Batch ``k`` of ``epoch`` (what iteration yields there; the position does not move)."""
-        order, shard_plan, rows = self._epoch_plan(epoch)
+        order, shard_plan, shapes = self._epoch_plan(epoch)
+        rows, length = shapes[k]
         offset = self.shard_index * self.local_slots
         common = dict(pad_id=self.pad_id, mask=self.mask, slot_offset=offset, total_slots=self.batch_size)
         if not self.packing:
             global_items = order[k * self.batch_size:(k + 1) * self.batch_size]
             mine = global_items[self.shard_index::self.shard_count]
             slots = [self.examples[i] for i in mine] + [None] * (self.local_slots - len(mine))
-            length = bucket_length(int(self.max_len[global_items].max()), self.buckets)
             return padded_batch(slots, length=length, sequences_per_slot=self.seqs_per_slot, **common)
         stream = order[self.shard_index::self.shard_count]
         slots: list = [None] * self.local_slots
@@ -211,7 +206,7 @@ class Loader:
             start, place, _ = shard_plan[k]
             for j, pl in enumerate(place):
                 slots[j], places[j] = self.examples[stream[start + j]], pl
-        return packed_batch(slots, places, rows=rows[k], length=self.pack_length, **common)
+        return packed_batch(slots, places, rows=rows, length=length, **common)
 
     def __iter__(self) -> Loader:
         return self
