@@ -47,6 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 500  # save a checkpoint every N steps (0 = only at the end)
     c.progress_bar = True  # show a tqdm progress bar on process 0
     c.huge_pages = True  # python -m jaxalign.train restarts itself with glibc.malloc.hugetlb=1: transparent huge pages for XLA's host buffers (Linux, glibc >= 2.35; docs/performance.md)
+    c.compilation_cache_dir = ""  # persistent XLA compilation cache (a restart or resume loads compiled steps): "" = JAX_COMPILATION_CACHE_DIR if set, else WORKDIR/compilation_cache; "none" = off; else a directory (runs may share one)
     c.max_consecutive_nonfinite = 10  # stop (checkpoint = last good state) after N consecutive skipped non-finite steps; 0 = never
 
     c.model = ml_collections.ConfigDict()  # the policy model and its precision

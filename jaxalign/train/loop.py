@@ -17,6 +17,10 @@
 5. at the end the policy is exported in Hugging Face format to ``WORKDIR/export`` (with the
    tokenizer; a reward model's head goes to ``reward_head.safetensors`` beside it).
 
+Compiled programs go to JAX's persistent compilation cache (``compilation_cache_dir``: by
+default ``JAX_COMPILATION_CACHE_DIR`` if set, else ``WORKDIR/compilation_cache``), so a resumed
+or restarted run loads them instead of compiling.
+
 Stopping early (docs/fault_tolerance.md): on SIGTERM/SIGINT the loop finishes the step it is
 in, saves a checkpoint at that step synchronously and returns with status ``interrupted``;
 after ``max_consecutive_nonfinite`` consecutive non-finite (skipped) steps it saves the last
@@ -40,6 +44,7 @@ from flax import nnx
 
 from jaxalign import models, parallel
 from jaxalign.train.checkpoint import CheckpointError, RunCheckpoints, abstract_like
+from jaxalign.train.compilation_cache import compilation_cache
 from jaxalign.train.config import config_diff, flatten, validate
 from jaxalign.train.metrics import MetricsLog, Progress, mean_metrics
 from jaxalign.train.preemption import StopAgreement, StopSignals
@@ -50,11 +55,12 @@ __all__ = ["RESUMABLE_KEYS", "STATUSES", "RunError", "RunResult", "evaluate", "t
 
 # Config keys that may change when a run is resumed: the length of the run, logging cadence,
 # where it runs (mesh, multi-host start-up; the checkpoint is restored onto the new mesh), the
-# non-finite guard's patience and the reference cache's batch (it changes no number).
+# non-finite guard's patience, the reference cache's batch, the compilation cache and malloc's
+# huge pages (none of them changes a number).
 RESUMABLE_KEYS = (
     "steps", "epochs", "log_every", "eval_every", "checkpoint_every", "progress_bar",
     "checkpoint.async_save", "checkpoint.export", "mesh.data", "mesh.fsdp", "mesh.tensor",
-    "max_consecutive_nonfinite", "reference.cache_batch_size",
+    "max_consecutive_nonfinite", "reference.cache_batch_size", "compilation_cache_dir", "huge_pages",
     *(f"distributed.{key}" for key in parallel.distributed_config()),
 )
 CONFIG_FILE = "config.json"
@@ -227,6 +233,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     validate(config)
     parallel.initialize_distributed(config.distributed)  # before anything touches JAX's backend (Orbax does)
     os.makedirs(workdir, exist_ok=True)
+    with compilation_cache(config.compilation_cache_dir, workdir):
+        return _train(config, workdir, stop_at_step)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | None) -> RunResult:
     checkpoints = RunCheckpoints(
         os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep, keep_best=config.checkpoint.keep_best,
         best_mode=config.checkpoint.best_mode, async_save=config.checkpoint.async_save,
@@ -241,6 +252,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     c = run.config
     if run.is_main:
         print(f"data (train):\n{run.data_summary}", flush=True)
+        print(f"compilation cache: {jax.config.jax_compilation_cache_dir or 'off'}", flush=True)
     # A fresh start drops metrics a crashed earlier attempt (no checkpoint yet) may have left.
     log = MetricsLog(workdir, enabled=run.is_main, resume_step=step if latest is not None else -1)
     progress = Progress(run.total_steps, step, enabled=run.is_main and c.progress_bar)
