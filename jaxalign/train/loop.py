@@ -120,14 +120,27 @@ def evaluate(run: Run, params: Any) -> dict[str, float]:
     loader.set_state(run.eval_start)
     totals: dict[str, float] = {}
     weight = 0.0
-    for i, batch in enumerate(loader):
-        if run.config.eval.max_batches and i >= run.config.eval.max_batches:
-            break
-        metrics = jax.device_get(run.eval_step(params, run.device_batch(batch, stacked=False), run.reference_params))
+
+    def add(device_metrics: dict[str, jax.Array]) -> None:
+        nonlocal weight
+        metrics = jax.device_get(device_metrics)
         w = float(metrics.pop("weight"))
         weight += w
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + w * float(v)
+
+    # Each batch's metrics are fetched after the next batch is dispatched: the device always
+    # has the next batch queued while the host waits, and at most two batches are in flight.
+    pending = None
+    for i, batch in enumerate(loader):
+        if run.config.eval.max_batches and i >= run.config.eval.max_batches:
+            break
+        metrics = run.eval_step(params, run.device_batch(batch, stacked=False), run.reference_params)
+        if pending is not None:
+            add(pending)
+        pending = metrics
+    if pending is not None:
+        add(pending)
     if weight == 0:
         return {}
     return {f"eval/{k}": v / weight for k, v in totals.items()}

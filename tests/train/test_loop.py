@@ -15,7 +15,7 @@ from safetensors.numpy import load_file
 from jaxalign.models import from_pretrained
 from jaxalign.train.checkpoint import RunCheckpoints
 from jaxalign.train.cli import default_workdir, main
-from jaxalign.train.loop import RunError, train
+from jaxalign.train.loop import RunError, evaluate, train
 from jaxalign.train.metrics import read_metrics
 from jaxalign.train.run import prepare
 
@@ -143,6 +143,26 @@ def test_epochs_set_the_number_of_steps(make_config, tmp_path):
     # 48 records, 8 held out: 40 training pairs = 10 micro-batches of 4 = 5 steps of 8 per epoch
     assert len(run.train_loader.examples) == 40 and len(run.eval_loader.examples) == 8
     assert run.accum == 2 and run.total_steps == math.ceil(1.5 * 5)
+
+
+def test_eval_is_the_pair_weighted_mean_over_its_batches(make_config, tmp_path, reference_model_dir):
+    # 8 held-out pairs; a reference other than the policy, so that every metric varies by pair
+    config = make_config(**{"reference.path": reference_model_dir})
+    whole = prepare(config, str(tmp_path / "one"))
+    expected = evaluate(whole, whole.state.params)
+    assert {"eval/loss", "eval/rewards/accuracies", "eval/rewards/margins"} <= expected.keys()
+    assert expected["eval/rewards/margins"] != 0
+    split = prepare(make_config(**{"reference.path": reference_model_dir, "eval.batch_size": 3}), str(tmp_path / "three"))
+    assert [int(b["pair_mask"].sum()) for b in split.eval_loader] == [3, 3, 2]
+    got = evaluate(split, split.state.params)
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-6), key  # float32 sums of ~100
+    assert evaluate(split, split.state.params) == got  # the loader is rewound: the same pairs again
+
+    first_only = prepare(make_config(**{"reference.path": reference_model_dir, "eval.batch_size": 3,
+                                        "eval.max_batches": 1}), str(tmp_path / "first"))
+    assert evaluate(first_only, first_only.state.params)["eval/loss"] != pytest.approx(expected["eval/loss"], abs=1e-6)
 
 
 def test_default_workdir_is_a_new_directory_under_runs():
