@@ -48,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.progress_bar = True  # show a tqdm progress bar on process 0
     c.huge_pages = True  # python -m jaxalign.train restarts itself with glibc.malloc.hugetlb=1: transparent huge pages for XLA's host buffers (Linux, glibc >= 2.35; docs/performance.md)
     c.compilation_cache_dir = ""  # persistent XLA compilation cache (a restart or resume loads compiled steps): "" = JAX_COMPILATION_CACHE_DIR if set, else WORKDIR/compilation_cache; "none" = off; else a directory (runs may share one)
+    c.peak_flops_per_device = 0.0  # MFU denominator (FLOP/s per device) of the logged `mfu`; 0 = the data sheet's dense peak for the device and model.dtype (known GPUs/TPUs; none on CPU: no `mfu`)
     c.max_consecutive_nonfinite = 10  # stop (checkpoint = last good state) after N consecutive skipped non-finite steps; 0 = never
 
     c.model = ml_collections.ConfigDict()  # the policy model and its precision
@@ -193,7 +194,7 @@ _NON_NEGATIVE = (
     "steps", "epochs", "eval_every", "checkpoint_every", "data.micro_batch_size", "data.pack_rows",
     "data.eval_pairs", "optimizer.learning_rate", "optimizer.warmup_steps", "optimizer.max_grad_norm",
     "optimizer.weight_decay", "checkpoint.keep", "eval.max_batches", "model.logits_chunk",
-    "reference.cache_batch_size", "max_consecutive_nonfinite",
+    "reference.cache_batch_size", "max_consecutive_nonfinite", "peak_flops_per_device",
 )
 
 

@@ -50,17 +50,19 @@ from jaxalign.train.metrics import MetricsLog, Progress, mean_metrics
 from jaxalign.train.preemption import StopAgreement, StopSignals
 from jaxalign.train.run import Run, RunError, prepare
 from jaxalign.train.step import stack_micro_batches
+from jaxalign.train.throughput import flop_rates
 
 __all__ = ["RESUMABLE_KEYS", "STATUSES", "RunError", "RunResult", "evaluate", "train"]
 
 # Config keys that may change when a run is resumed: the length of the run, logging cadence,
 # where it runs (mesh, multi-host start-up; the checkpoint is restored onto the new mesh), the
-# non-finite guard's patience, the reference cache's batch, the compilation cache and malloc's
-# huge pages (none of them changes a number).
+# non-finite guard's patience, the reference cache's batch, the compilation cache, malloc's
+# huge pages and the MFU's peak (none of them changes a trained number).
 RESUMABLE_KEYS = (
     "steps", "epochs", "log_every", "eval_every", "checkpoint_every", "progress_bar",
     "checkpoint.async_save", "checkpoint.export", "mesh.data", "mesh.fsdp", "mesh.tensor",
     "max_consecutive_nonfinite", "reference.cache_batch_size", "compilation_cache_dir", "huge_pages",
+    "peak_flops_per_device",
     *(f"distributed.{key}" for key in parallel.distributed_config()),
 )
 CONFIG_FILE = "config.json"
@@ -231,6 +233,7 @@ def _show(progress: Progress, train_metrics: dict[str, float], eval_metrics: dic
     progress.show({
         "loss": train_metrics.get("loss", float("nan")),
         "tokens/s": train_metrics.get("tokens_per_second", float("nan")),
+        **({"mfu": train_metrics["mfu"]} if "mfu" in train_metrics else {}),
         **{k: v for k, v in eval_metrics.items() if k in _SHOWN},
     })
 
@@ -306,6 +309,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | 
                 if step % c.log_every == 0 or last or status != "finished":
                     train_metrics = mean_metrics(window, last=COUNTER_METRICS)
                     train_metrics.update(progress.rates(step))
+                    train_metrics.update(flop_rates(train_metrics["tokens_per_second"], run.flops_per_token, run.peak_flops))
                     window = []
                     log.write(step, train_metrics)
                     _show(progress, train_metrics, eval_metrics)

@@ -36,6 +36,7 @@ from jaxalign.train.optimizer import make_optimizer
 from jaxalign.train.state import TrainState, init_state
 from jaxalign.train.step import make_eval_step, make_reference_fn, make_train_step
 from jaxalign.train.synthetic import SYNTHETIC_SOURCE, synthetic_records, write_synthetic
+from jaxalign.train.throughput import flops_per_token, peak_flops
 from jaxalign.train.tiny import ensure_tiny_model
 
 __all__ = ["Run", "RunError", "prepare"]
@@ -75,6 +76,8 @@ class Run:
     reference_caches: dict[str, ref_cache.ReferenceCache]
     is_main: bool
     eval_start: dict[str, Any] | None = None  # the eval loader's initial position (rewound per eval)
+    flops_per_token: int = 0  # model FLOPs per real token of a train step (jaxalign.train.throughput)
+    peak_flops: float | None = None  # peak FLOP/s of this process's devices (None: unknown, no MFU)
 
     def device_batch(self, host: dict[str, np.ndarray], *, stacked: bool) -> dict[str, jax.Array]:
         """This process's share of a global batch -> global arrays split over the batch axes.
@@ -326,11 +329,14 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
     if objective.kind == "reward":
         params["head"] = init_reward_head(model.config.hidden_size, resolved.seed)
 
-    reference_params, reference_graphdef, caches = None, graphdef, {}
+    reference_params, reference_graphdef, reference_config, caches = None, graphdef, model.config, {}
     train_loader, eval_loader = loaders.train, loaders.eval
     if objective.uses_reference or objective.sequences_per_pair == 3:
         if resolved.reference.path and os.path.abspath(resolved.reference.path) != os.path.abspath(resolved.model.path):
-            reference_graphdef, reference_params = nnx.split(_load_model(resolved, resolved.reference.path, mesh), nnx.Param)
+            reference_model = _load_model(resolved, resolved.reference.path, mesh)
+            reference_config = reference_model.config
+            reference_graphdef, reference_params = nnx.split(reference_model, nnx.Param)
+            del reference_model
         else:
             reference_params = jax.tree.map(jnp.copy, model_params)
         if objective.sequences_per_pair == 3:
@@ -356,6 +362,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
     state = jax.jit(
         lambda p: init_state(p, optimizer, resolved.seed), out_shardings=state_shardings, donate_argnums=0
     )(params)
+    reference_in_step = objective.uses_reference and resolved.reference.mode == "frozen"
+    flops = flops_per_token(model.config, reference_config if reference_in_step else None)
     del model, model_params, params
     common = dict(
         graphdef=graphdef, objective=objective, reference_mode=resolved.reference.mode,
@@ -374,5 +382,6 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
         eval_loader=eval_loader, data_summary=loaders.report.summary(), graphdef=graphdef, state=state,
         reference_params=reference_params, objective=objective, optimizer=optimizer, train_step=train_step,
         eval_step=eval_step, total_steps=total_steps, accum=accum, reference_caches=caches, is_main=is_main,
-        eval_start=eval_loader.get_state() if eval_loader is not None else None,
+        eval_start=eval_loader.get_state() if eval_loader is not None else None, flops_per_token=flops,
+        peak_flops=peak_flops(resolved.peak_flops_per_device, mesh.local_devices, resolved.model.dtype),
     )

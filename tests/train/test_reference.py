@@ -10,17 +10,15 @@ import pytest
 from safetensors.numpy import load_file
 
 from jaxalign.train.loop import train
-from jaxalign.train.metrics import read_metrics
+from jaxalign.train.metrics import TIMING_METRICS, read_metrics
 from jaxalign.train.reference import ReferenceCache
 from jaxalign.train.run import prepare
-
-TIMING_KEYS = ("steps_per_second", "tokens_per_second")
 
 
 def _entries(workdir) -> dict[int, dict]:
     out: dict[int, dict] = {}
     for e in read_metrics(workdir):
-        out.setdefault(e["step"], {}).update({k: v for k, v in e.items() if k not in TIMING_KEYS})
+        out.setdefault(e["step"], {}).update({k: v for k, v in e.items() if k not in TIMING_METRICS})
     return out
 
 
