@@ -13,7 +13,7 @@ import os
 import pytest
 
 from jaxalign.train.cli import main, parse_command_line
-from jaxalign.train.config import base_config
+from jaxalign.train.config import base_config, flatten
 from jaxalign.train.metrics import read_metrics
 from jaxalign.train.synthetic import synthetic_records
 from jaxalign.train.tiny import ensure_tiny_model
@@ -78,3 +78,19 @@ def test_recipe_trains_a_few_steps(recipe, tiny_model, tmp_path, capsys):
     assert (workdir / "export" / "config.json").is_file() and (workdir / "export" / "tokenizer.json").is_file()
     assert (workdir / "export" / "reward_head.safetensors").is_file() == (config.loss.name == "bradley_terry")
     assert "run directory" in capsys.readouterr().out
+
+
+def test_every_config_key_the_docs_and_scripts_name_exists():
+    """``--config.KEY`` in the docs, READMEs, scripts and recipes' docstrings names a real key
+    (the CLI would refuse a misspelt one; the docs must not teach it)."""
+    import re
+
+    keys = set(flatten(base_config()))
+    sections = {k.rsplit(".", 1)[0] for k in keys if "." in k}
+    files = [p for pattern in ("*.md", "docs/*.md", "jaxalign/**/*.md", "tools/*.sh", "configs/*.py")
+             for p in glob.glob(os.path.join(ROOT, pattern), recursive=True)]
+    named = {(os.path.relpath(p, ROOT), m) for p in files
+             for m in re.findall(r"--config\.([A-Za-z_][\w.]*[A-Za-z0-9_])", open(p, encoding="utf-8").read())}
+    assert len(named) > 20  # the pattern finds the flags the docs use
+    unknown = sorted((p, k) for p, k in named if k not in keys | sections | {"KEY", "key"})  # placeholders
+    assert not unknown, unknown

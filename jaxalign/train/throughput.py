@@ -2,10 +2,10 @@
 
 Counted as the benchmark counts them (``jaxalign.bench.flops``): ``6N`` FLOPs per real
 (non-padding) token for the policy's forward and backward, ``2N`` more when the frozen
-reference runs inside the step (``2 N_reference`` for a reference of another size), with ``N``
-= the decoder blocks' parameters + the unembedding matmul. Attention's score and value products, padding and recomputation (remat) are not
-counted: the figure is useful work. ``mfu = model FLOP/s / peak``, the peak being that of
-this process's devices together.
+reference runs inside the step (``2 N_reference`` for a reference of another size), with
+``N`` = the decoder blocks' parameters + the unembedding matmul. Attention's score and value
+products, padding and recomputation (remat) are not counted: the figure is useful work.
+``mfu = model FLOP/s / peak``, the peak being that of this process's devices together.
 """
 
 from __future__ import annotations
