@@ -50,7 +50,7 @@ from jaxalign.train.metrics import MetricsLog, Progress, mean_metrics
 from jaxalign.train.preemption import StopAgreement, StopSignals
 from jaxalign.train.run import Run, RunError, prepare
 from jaxalign.train.step import stack_micro_batches
-from jaxalign.train.throughput import flop_rates
+from jaxalign.train.utilisation import flop_rates, peak_memory
 
 __all__ = ["RESUMABLE_KEYS", "STATUSES", "RunError", "RunResult", "evaluate", "train"]
 
@@ -310,6 +310,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | 
                     train_metrics = mean_metrics(window, last=COUNTER_METRICS)
                     train_metrics.update(progress.rates(step))
                     train_metrics.update(flop_rates(train_metrics["tokens_per_second"], run.flops_per_token, run.peak_flops))
+                    train_metrics.update(peak_memory(run.mesh.local_devices))
                     window = []
                     log.write(step, train_metrics)
                     _show(progress, train_metrics, eval_metrics)

@@ -20,11 +20,14 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["TIMING_METRICS", "MetricsLog", "Progress", "mean_metrics", "read_metrics"]
+__all__ = ["HARDWARE_METRICS", "MetricsLog", "Progress", "mean_metrics", "read_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
-# Logged metrics that measure speed, not training: they differ between identical runs.
-TIMING_METRICS = ("steps_per_second", "tokens_per_second", "model_flops_per_second", "mfu")
+# Logged metrics that measure the hardware, not training: they differ between identical runs.
+HARDWARE_METRICS = (
+    "steps_per_second", "tokens_per_second", "model_flops_per_second", "mfu", "peak_device_memory_gib",
+    "peak_host_memory_gib",
+)
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:

@@ -36,7 +36,7 @@ from jaxalign.train.optimizer import make_optimizer
 from jaxalign.train.state import TrainState, init_state
 from jaxalign.train.step import make_eval_step, make_reference_fn, make_train_step
 from jaxalign.train.synthetic import SYNTHETIC_SOURCE, synthetic_records, write_synthetic
-from jaxalign.train.throughput import flops_per_token, peak_flops
+from jaxalign.train.utilisation import flops_per_token, peak_flops
 from jaxalign.train.tiny import ensure_tiny_model
 
 __all__ = ["Run", "RunError", "prepare"]
@@ -76,7 +76,7 @@ class Run:
     reference_caches: dict[str, ref_cache.ReferenceCache]
     is_main: bool
     eval_start: dict[str, Any] | None = None  # the eval loader's initial position (rewound per eval)
-    flops_per_token: int = 0  # model FLOPs per real token of a train step (jaxalign.train.throughput)
+    flops_per_token: int = 0  # model FLOPs per real token of a train step (jaxalign.train.utilisation)
     peak_flops: float | None = None  # peak FLOP/s of this process's devices (None: unknown, no MFU)
 
     def device_batch(self, host: dict[str, np.ndarray], *, stacked: bool) -> dict[str, jax.Array]:

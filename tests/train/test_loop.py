@@ -16,7 +16,7 @@ from jaxalign.models import from_pretrained
 from jaxalign.train.checkpoint import RunCheckpoints
 from jaxalign.train.cli import default_workdir, main
 from jaxalign.train.loop import RunError, evaluate, train
-from jaxalign.train.metrics import TIMING_METRICS, read_metrics
+from jaxalign.train.metrics import HARDWARE_METRICS, read_metrics
 from jaxalign.train.run import prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -61,7 +61,7 @@ def test_quickstart_shortened_run_learns_the_preference(tmp_path, capsys, monkey
 def _train_entries(workdir) -> dict[int, dict]:
     out: dict[int, dict] = {}
     for e in read_metrics(workdir):
-        out.setdefault(e["step"], {}).update({k: v for k, v in e.items() if k not in TIMING_METRICS})
+        out.setdefault(e["step"], {}).update({k: v for k, v in e.items() if k not in HARDWARE_METRICS})
     return out
 
 

@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from jaxalign.train.loop import train
-from jaxalign.train.metrics import TIMING_METRICS, read_metrics
+from jaxalign.train.metrics import HARDWARE_METRICS, read_metrics
 from jaxalign.train.reference import ReferenceCache
 from jaxalign.train.run import prepare
 
@@ -18,7 +18,7 @@ from jaxalign.train.run import prepare
 def _entries(workdir) -> dict[int, dict]:
     out: dict[int, dict] = {}
     for e in read_metrics(workdir):
-        out.setdefault(e["step"], {}).update({k: v for k, v in e.items() if k not in TIMING_METRICS})
+        out.setdefault(e["step"], {}).update({k: v for k, v in e.items() if k not in HARDWARE_METRICS})
     return out
 
 

@@ -1,4 +1,5 @@
-"""The logged model FLOP/s and MFU: the FLOP count per token, the peak, and the run's metrics."""
+"""The logged model FLOP/s, MFU and peak memory: the FLOP count per token, the peak, the memory
+source, and the run's metrics."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from jaxalign.models.tiny import tiny_config
 from jaxalign.train.loop import train
 from jaxalign.train.metrics import read_metrics
 from jaxalign.train.run import prepare
-from jaxalign.train.throughput import flop_rates, flops_per_token, peak_flops
+from jaxalign.train.utilisation import flop_rates, flops_per_token, peak_flops, peak_memory
 
 # hidden 8, 2 layers, 2 heads of 4, 1 kv head, MLP 16, vocab 32: N = 1192 (blocks + final norm)
 # + 256 (unembedding) = 1448, hand-counted in tests/bench/test_flops.py.
@@ -44,6 +45,17 @@ def test_flop_rates():
     assert rates["mfu"] == pytest.approx(100.0 * 6 * 1448 / 1e7)
 
 
+def test_peak_memory_is_the_largest_device_peak_else_the_host_peak():
+    def device(stats):
+        return SimpleNamespace(memory_stats=lambda: stats)
+
+    gpus = [device({"peak_bytes_in_use": 3 * 2**30, "bytes_in_use": 2**30}), device({"peak_bytes_in_use": 5 * 2**30})]
+    assert peak_memory(gpus) == {"peak_device_memory_gib": 5.0}
+    host = peak_memory([device(None)])  # XLA:CPU keeps no statistics
+    assert host.keys() == {"peak_host_memory_gib"} and 0.05 < host["peak_host_memory_gib"] < 64
+    assert peak_memory([device({"bytes_in_use": 1})]).keys() == {"peak_host_memory_gib"}
+
+
 def test_the_run_counts_the_reference_only_when_it_runs_in_the_step(make_config, tmp_path):
     for mode, in_step in (("frozen", True), ("precomputed", False), ("none", False)):
         run = prepare(make_config(**{"reference.mode": mode}), str(tmp_path / mode))
@@ -60,6 +72,7 @@ def test_a_run_logs_its_model_flops_and_mfu(make_config, tmp_path):
     for e in logged:
         assert e["model_flops_per_second"] == pytest.approx(e["tokens_per_second"] * run.flops_per_token, rel=1e-9)
         assert e["mfu"] == pytest.approx(e["model_flops_per_second"] / 1e9, rel=1e-9)  # one device
+        assert e["peak_host_memory_gib"] > 0.05  # a CPU: the process's peak resident set
 
     train(make_config(steps=1), tmp_path / "cpu")  # no peak known for a CPU: no mfu
     (entry,) = [e for e in read_metrics(tmp_path / "cpu") if "tokens_per_second" in e]

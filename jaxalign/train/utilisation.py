@@ -1,4 +1,5 @@
-"""Model FLOP/s and model FLOP utilisation (MFU) of the training steps, for the logged metrics.
+"""How much of the hardware the training steps use, for the logged metrics: model FLOP/s,
+model FLOP utilisation (MFU) and peak memory.
 
 Counted as the benchmark counts them (``jaxalign.bench.flops``): ``6N`` FLOPs per real
 (non-padding) token for the policy's forward and backward, ``2N`` more when the frozen
@@ -6,6 +7,9 @@ reference runs inside the step (``2 N_reference`` for a reference of another siz
 ``N`` = the decoder blocks' parameters + the unembedding matmul. Attention's score and value
 products, padding and recomputation (remat) are not counted: the figure is useful work.
 ``mfu = model FLOP/s / peak``, the peak being that of this process's devices together.
+
+Peak memory: the most any of this process's devices has held (``peak_bytes_in_use``) where
+the backend keeps statistics (GPU, TPU), else the process's peak resident set (CPU).
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from jaxalign.bench.flops import param_counts, train_flops_per_token
+from jaxalign.bench.memory import peak_rss_bytes
 from jaxalign.bench.peak import vendor_peak
 
-__all__ = ["flop_rates", "flops_per_token", "peak_flops"]
+__all__ = ["flop_rates", "flops_per_token", "peak_flops", "peak_memory"]
 
 # model.dtype -> the data-sheet column its matrix products run at on a GPU (float32: TF32,
 # JAX's default matmul precision there).
@@ -44,3 +49,12 @@ def flop_rates(tokens_per_second: float, flops_per_token: int, peak: float | Non
     """``model_flops_per_second`` for a token rate, and ``mfu`` when the peak is known."""
     achieved = tokens_per_second * flops_per_token
     return {"model_flops_per_second": achieved, **({"mfu": achieved / peak} if peak else {})}
+
+
+def peak_memory(devices: Sequence[Any]) -> dict[str, float]:
+    """``{"peak_device_memory_gib": ...}`` (the largest device peak) where the devices keep memory
+    statistics, else ``{"peak_host_memory_gib": ...}`` (the process's peak resident set)."""
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in devices]
+    if peaks and all(p is not None for p in peaks):
+        return {"peak_device_memory_gib": max(peaks) / 2**30}
+    return {"peak_host_memory_gib": peak_rss_bytes() / 2**30}
