@@ -77,3 +77,21 @@ def test_runs_naming_one_directory_share_it_and_none_turns_it_off(make_config, t
     train(make_config(steps=1, compilation_cache_dir="none"), tmp_path / "c")
     assert len(cache_hits) == loaded and not (tmp_path / "c" / CACHE_SUBDIR).exists()
     assert jax.config.jax_compilation_cache_dir == previous
+
+
+def test_a_damaged_cache_entry_is_compiled_again(make_config, tmp_path, without_jax_setting):
+    """A kill -9 during a cache write leaves a truncated entry: the resumed run warns, compiles
+    that program again and trains on, with the numbers of an undamaged resume."""
+    config = make_config(steps=3)
+    train(config, tmp_path / "damaged", stop_at_step=1)
+    train(config, tmp_path / "intact", stop_at_step=1)
+    entries = [e for e in os.scandir(tmp_path / "damaged" / CACHE_SUBDIR) if e.is_file()]
+    assert entries
+    for entry in entries:
+        with open(entry.path, "r+b") as f:
+            f.truncate(entry.stat().st_size // 2)
+    with pytest.warns(UserWarning, match="persistent compilation cache"):
+        damaged = train(config, tmp_path / "damaged")
+    intact = train(config, tmp_path / "intact")
+    assert damaged.step == intact.step == 3
+    assert damaged.train_metrics["loss"] == intact.train_metrics["loss"]
