@@ -17,6 +17,8 @@ from collections.abc import Iterator
 import jax
 from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
+from jaxalign.train.config import ConfigError
+
 __all__ = ["CACHE_SUBDIR", "OFF", "compilation_cache", "resolve_cache_dir"]
 
 CACHE_SUBDIR = "compilation_cache"
@@ -54,7 +56,10 @@ def compilation_cache(setting: str, workdir: str) -> Iterator[str | None]:
     """
     previous = jax.config.jax_compilation_cache_dir
     directory = resolve_cache_dir(setting, workdir, previous)
-    _point_at(directory)
+    try:
+        _point_at(directory)
+    except OSError as e:
+        raise ConfigError(f"compilation_cache_dir: cannot create {directory}: {e.strerror or e}") from None
     try:
         yield directory
     finally:

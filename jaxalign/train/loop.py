@@ -248,7 +248,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     workdir = os.path.abspath(workdir)
     validate(config)
     parallel.initialize_distributed(config.distributed)  # before anything touches JAX's backend (Orbax does)
-    os.makedirs(workdir, exist_ok=True)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"cannot create the run directory {workdir}: {e.strerror or e}") from None
     with compilation_cache(config.compilation_cache_dir, workdir):
         return _train(config, workdir, stop_at_step)
 

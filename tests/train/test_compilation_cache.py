@@ -9,8 +9,10 @@ import jax
 import pytest
 from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
+from jaxalign.train.cli import main
 from jaxalign.train.compilation_cache import CACHE_SUBDIR, resolve_cache_dir
-from jaxalign.train.loop import train
+from jaxalign.train.config import ConfigError
+from jaxalign.train.loop import RunError, train
 
 HIT = "/jax/compilation_cache/cache_hits"
 
@@ -95,3 +97,19 @@ def test_a_damaged_cache_entry_is_compiled_again(make_config, tmp_path, without_
     intact = train(config, tmp_path / "intact")
     assert damaged.step == intact.step == 3
     assert damaged.train_metrics["loss"] == intact.train_metrics["loss"]
+
+
+def test_directories_that_cannot_be_created_are_named(make_config, tmp_path, recipe_file, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    previous = jax.config.jax_compilation_cache_dir
+    with pytest.raises(ConfigError, match=r"compilation_cache_dir: cannot create .*a-file/xla"):
+        train(make_config(compilation_cache_dir=str(blocker / "xla")), tmp_path / "run")
+    assert jax.config.jax_compilation_cache_dir == previous
+    with pytest.raises(RunError, match=r"cannot create the run directory .*a-file/run"):
+        train(make_config(), blocker / "run")
+    # through the command line: exit code 2 and the message, no traceback
+    recipe = recipe_file(make_config(compilation_cache_dir=str(blocker / "xla")), tmp_path / "recipe.py")
+    assert main(["jaxalign.train", "--config", recipe, "--workdir", str(tmp_path / "cli")]) == 2
+    err = capsys.readouterr().err
+    assert "error: compilation_cache_dir: cannot create" in err and "Traceback" not in err
