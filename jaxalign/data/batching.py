@@ -32,8 +32,8 @@ __all__ = [
     "MASK_MODES",
     "bucket_length",
     "loss_mask",
-    "pad_batch",
     "packed_batch",
+    "pad_batch",
     "padded_batch",
     "plan_pack",
 ]

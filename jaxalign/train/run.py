@@ -36,8 +36,8 @@ from jaxalign.train.optimizer import make_optimizer
 from jaxalign.train.state import TrainState, init_state
 from jaxalign.train.step import make_eval_step, make_reference_fn, make_train_step
 from jaxalign.train.synthetic import SYNTHETIC_SOURCE, synthetic_records, write_synthetic
-from jaxalign.train.utilisation import flops_per_token, peak_flops
 from jaxalign.train.tiny import ensure_tiny_model
+from jaxalign.train.utilisation import flops_per_token, peak_flops
 
 __all__ = ["Run", "RunError", "prepare"]
 
