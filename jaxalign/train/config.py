@@ -130,6 +130,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.max_batches = 0  # cap on eval batches per evaluation (0 = all held-out pairs)
     c.eval.at_start = True  # evaluate before the first step (the starting point of the curves)
 
+    c.profile = ml_collections.ConfigDict()  # a jax.profiler trace of a few steps, in WORKDIR/profile (process 0)
+    c.profile.steps = 0  # optimizer steps to trace (0 = no trace)
+    c.profile.skip_steps = 2  # steps this process runs before the trace starts (the first ones compile)
+
     c.debug = ml_collections.ConfigDict()  # TEST HOOKS for the fault-tolerance tests: leave empty in real runs
     c.debug.nan_at_steps = ()  # TEST HOOK: optimizer steps (1-based) whose gradients are replaced by NaN in the step
 
@@ -194,7 +198,8 @@ _NON_NEGATIVE = (
     "steps", "epochs", "eval_every", "checkpoint_every", "data.micro_batch_size", "data.pack_rows",
     "data.eval_pairs", "optimizer.learning_rate", "optimizer.warmup_steps", "optimizer.max_grad_norm",
     "optimizer.weight_decay", "checkpoint.keep", "eval.max_batches", "model.logits_chunk",
-    "reference.cache_batch_size", "max_consecutive_nonfinite", "peak_flops_per_device",
+    "reference.cache_batch_size", "max_consecutive_nonfinite", "peak_flops_per_device", "profile.steps",
+    "profile.skip_steps",
 )
 
 

@@ -48,6 +48,7 @@ from jaxalign.train.compilation_cache import compilation_cache
 from jaxalign.train.config import config_diff, flatten, validate
 from jaxalign.train.metrics import MetricsLog, Progress, mean_metrics
 from jaxalign.train.preemption import StopAgreement, StopSignals
+from jaxalign.train.profiling import PROFILE_DIR, StepTrace
 from jaxalign.train.run import Run, RunError, prepare
 from jaxalign.train.step import stack_micro_batches
 from jaxalign.train.utilisation import flop_rates, peak_memory
@@ -57,12 +58,12 @@ __all__ = ["RESUMABLE_KEYS", "STATUSES", "RunError", "RunResult", "evaluate", "t
 # Config keys that may change when a run is resumed: the length of the run, logging cadence,
 # where it runs (mesh, multi-host start-up; the checkpoint is restored onto the new mesh), the
 # non-finite guard's patience, the reference cache's batch, the compilation cache, malloc's
-# huge pages and the MFU's peak (none of them changes a trained number).
+# huge pages, the MFU's peak and profiling (none of them changes a trained number).
 RESUMABLE_KEYS = (
     "steps", "epochs", "log_every", "eval_every", "checkpoint_every", "progress_bar",
     "checkpoint.async_save", "checkpoint.export", "mesh.data", "mesh.fsdp", "mesh.tensor",
     "max_consecutive_nonfinite", "reference.cache_batch_size", "compilation_cache_dir", "huge_pages",
-    "peak_flops_per_device",
+    "peak_flops_per_device", "profile.steps", "profile.skip_steps",
     *(f"distributed.{key}" for key in parallel.distributed_config()),
 )
 CONFIG_FILE = "config.json"
@@ -275,6 +276,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | 
     # A fresh start drops metrics a crashed earlier attempt (no checkpoint yet) may have left.
     log = MetricsLog(workdir, enabled=run.is_main, resume_step=step if latest is not None else -1)
     progress = Progress(run.total_steps, step, enabled=run.is_main and c.progress_bar)
+    trace = StepTrace(os.path.join(workdir, PROFILE_DIR), steps=c.profile.steps, skip=c.profile.skip_steps,
+                      enabled=run.is_main)
 
     eval_metrics: dict[str, float] = {}
     train_metrics: dict[str, float] = {}
@@ -295,7 +298,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | 
             while step < end:
                 host = next(batches)
                 tokens = float(np.sum(host["segment_ids"] > 0))
-                state, metrics = run.train_step(state, run.device_batch(host, stacked=True), run.reference_params)
+                batch = run.device_batch(host, stacked=True)
+                state, metrics = trace.step(step + 1, run.train_step, state, batch, run.reference_params)
                 step += 1
                 window.append(metrics)
                 progress.update(step, tokens)
@@ -341,6 +345,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | 
             if status == "finished" and c.checkpoint.export:
                 export_dir = _export(run, state)
         finally:
+            trace.close()
             progress.close()
             log.close()
             checkpoints.close()
