@@ -302,7 +302,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | 
                 state, metrics = trace.step(step + 1, run.train_step, state, batch, run.reference_params)
                 step += 1
                 window.append(metrics)
-                progress.update(step, tokens)
+                progress.update(step, tokens, host["segment_ids"].size)
                 # Stop decisions, identical on every process: a signal (agreed over processes)
                 # or the guard's halt, known from the previous step's counter (never waiting on
                 # the step just launched). A halted step changed nothing but the counters.

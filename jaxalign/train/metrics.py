@@ -23,10 +23,11 @@ import numpy as np
 __all__ = ["HARDWARE_METRICS", "MetricsLog", "Progress", "mean_metrics", "read_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
-# Logged metrics that measure the hardware, not training: they differ between identical runs.
+# Logged metrics that measure the hardware and the batch layout, not training: they differ
+# between identical runs (timings) or meshes (rows per batch).
 HARDWARE_METRICS = (
-    "steps_per_second", "tokens_per_second", "model_flops_per_second", "mfu", "peak_device_memory_gib",
-    "peak_host_memory_gib",
+    "steps_per_second", "tokens_per_second", "real_token_fraction", "model_flops_per_second", "mfu",
+    "peak_device_memory_gib", "peak_host_memory_gib",
 )
 
 
@@ -109,26 +110,31 @@ class Progress:
         self._last_time = time.perf_counter()
         self._last_step = initial
         self._tokens = 0.0
+        self._positions = 0.0
         if enabled:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
-    def update(self, step: int, tokens: float) -> None:
-        """Advances the bar to ``step``; ``tokens`` were processed by this step (host count)."""
+    def update(self, step: int, tokens: float, positions: float) -> None:
+        """Advances the bar to ``step``; this step's batch (host count) held ``tokens`` real
+        tokens in ``positions`` row positions."""
         self._tokens += tokens
+        self._positions += positions
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
 
     def rates(self, step: int) -> dict[str, float]:
-        """``steps_per_second`` and ``tokens_per_second`` since the previous call (resets)."""
+        """``steps_per_second``, ``tokens_per_second`` and ``real_token_fraction`` (real tokens
+        over row positions: 1 - the padding's share) since the previous call (resets)."""
         now = time.perf_counter()
         elapsed = max(now - self._last_time, 1e-9)
         rates = {
             "steps_per_second": (step - self._last_step) / elapsed,
             "tokens_per_second": self._tokens / elapsed,
+            "real_token_fraction": self._tokens / max(self._positions, 1.0),
         }
-        self._last_time, self._last_step, self._tokens = now, step, 0.0
+        self._last_time, self._last_step, self._tokens, self._positions = now, step, 0.0, 0.0
         return rates
 
     def show(self, values: Mapping[str, float]) -> None:

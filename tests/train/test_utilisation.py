@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -77,3 +78,14 @@ def test_a_run_logs_its_model_flops_and_mfu(make_config, tmp_path):
     train(make_config(steps=1), tmp_path / "cpu")  # no peak known for a CPU: no mfu
     (entry,) = [e for e in read_metrics(tmp_path / "cpu") if "tokens_per_second" in e]
     assert entry["model_flops_per_second"] > 0 and "mfu" not in entry
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_the_logged_real_token_fraction_is_the_share_of_real_tokens_in_the_batches(make_config, tmp_path, packing):
+    config = make_config(steps=2, **{"data.packing": packing})
+    run = prepare(config, str(tmp_path / "probe"))
+    expected = [float(np.mean(next(run.train_loader)["segment_ids"] > 0)) for _ in range(2)]
+    assert 0.1 < min(expected) and max(expected) < 1  # the batches have padding: the check is not trivial
+    train(config, tmp_path / "run")
+    logged = [e["real_token_fraction"] for e in read_metrics(tmp_path / "run") if "real_token_fraction" in e]
+    assert logged == pytest.approx(expected, rel=1e-12)
