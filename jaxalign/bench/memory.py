@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import resource
 import sys
+from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["device_peak_bytes", "peak_rss_bytes"]
 
@@ -21,12 +23,14 @@ def peak_rss_bytes() -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
-def device_peak_bytes() -> int | None:
-    """``peak_bytes_in_use`` of the first JAX device, or None where the backend keeps no stats (CPU)."""
-    import jax
+def device_peak_bytes(devices: Sequence[Any] | None = None) -> int | None:
+    """The largest ``peak_bytes_in_use`` of ``devices`` (default: the first JAX device), or None
+    where the backend keeps no statistics for one of them (CPU)."""
+    if devices is None:
+        import jax
 
-    stats = jax.devices()[0].memory_stats()
-    if not stats:
+        devices = jax.devices()[:1]
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in devices]
+    if not peaks or any(p is None for p in peaks):
         return None
-    value = stats.get("peak_bytes_in_use")
-    return int(value) if value is not None else None
+    return int(max(peaks))

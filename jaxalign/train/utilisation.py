@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from jaxalign.bench.flops import param_counts, train_flops_per_token
-from jaxalign.bench.memory import peak_rss_bytes
+from jaxalign.bench.memory import device_peak_bytes, peak_rss_bytes
 from jaxalign.bench.peak import vendor_peak
 
 __all__ = ["flop_rates", "flops_per_token", "peak_flops", "peak_memory"]
@@ -54,7 +54,7 @@ def flop_rates(tokens_per_second: float, flops_per_token: int, peak: float | Non
 def peak_memory(devices: Sequence[Any]) -> dict[str, float]:
     """``{"peak_device_memory_gib": ...}`` (the largest device peak) where the devices keep memory
     statistics, else ``{"peak_host_memory_gib": ...}`` (the process's peak resident set)."""
-    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in devices]
-    if peaks and all(p is not None for p in peaks):
-        return {"peak_device_memory_gib": max(peaks) / 2**30}
+    peak = device_peak_bytes(devices)
+    if peak is not None:
+        return {"peak_device_memory_gib": peak / 2**30}
     return {"peak_host_memory_gib": peak_rss_bytes() / 2**30}
