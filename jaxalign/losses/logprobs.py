@@ -192,8 +192,9 @@ def token_logps_from_hidden(
         def grouped(x: jax.Array) -> jax.Array:  # [B, L, ...] -> [G, B / G * L, ...]
             return x.reshape((groups, rows // groups * length) + x.shape[2:])
 
-        order = jnp.argsort(jnp.logical_not(grouped(scored)), axis=1, stable=True)
-        count = jnp.max(jnp.sum(grouped(scored), axis=1, dtype=jnp.int32))
+        scored_by_group = grouped(scored)
+        order = jnp.argsort(jnp.logical_not(scored_by_group), axis=1, stable=True)
+        count = jnp.max(jnp.sum(scored_by_group, axis=1, dtype=jnp.int32))
         # Gathers along the group axis keep it: a batch whose groups sit on devices stays there.
         sorted_hidden = jnp.take_along_axis(grouped(hidden), order[..., None], axis=1)
         sorted_labels = jnp.take_along_axis(grouped(labels), order, axis=1)
