@@ -15,6 +15,7 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 from jaxalign.train.config import base_config
+from jaxalign.train.metrics import HARDWARE_METRICS, read_metrics
 from jaxalign.train.synthetic import synthetic_records
 from jaxalign.train.tiny import ensure_tiny_model
 
@@ -196,14 +197,14 @@ def checkpoint_arrays():
 
 def _metrics_by_step(workdir: str) -> dict[int, dict]:
     out: dict[int, dict] = {}
-    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-        for line in f:
-            entry = json.loads(line)
-            out.setdefault(entry["step"], {}).update(entry)
+    for entry in read_metrics(workdir):
+        out.setdefault(entry["step"], {}).update({k: v for k, v in entry.items() if k not in HARDWARE_METRICS})
     return out
 
 
 @pytest.fixture(scope="session")
 def metrics_by_step():
-    """``metrics_by_step(workdir) -> {step: entry}`` (train and eval entries of a step merged)."""
+    """``metrics_by_step(workdir) -> {step: entry}``: train and eval entries of a step merged,
+    without the timings and layout figures (``HARDWARE_METRICS``), so that two runs of the same
+    training compare equal."""
     return _metrics_by_step

@@ -16,7 +16,7 @@ from jaxalign.models import from_pretrained
 from jaxalign.train.checkpoint import RunCheckpoints
 from jaxalign.train.cli import default_workdir, main
 from jaxalign.train.loop import RunError, evaluate, train
-from jaxalign.train.metrics import HARDWARE_METRICS, read_metrics
+from jaxalign.train.metrics import read_metrics
 from jaxalign.train.run import prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -58,14 +58,7 @@ def test_quickstart_shortened_run_learns_the_preference(tmp_path, capsys, monkey
     assert [e["step"] for e in read_metrics(workdir) if "loss" in e] == [e["step"] for e in entries if "loss" in e]
 
 
-def _train_entries(workdir) -> dict[int, dict]:
-    out: dict[int, dict] = {}
-    for e in read_metrics(workdir):
-        out.setdefault(e["step"], {}).update({k: v for k, v in e.items() if k not in HARDWARE_METRICS})
-    return out
-
-
-def test_resume_matches_uninterrupted_run(make_config, tmp_path):
+def test_resume_matches_uninterrupted_run(make_config, tmp_path, metrics_by_step):
     config = make_config(**{
         "steps": 7, "eval_every": 3, "checkpoint_every": 2, "data.batch_size": 8, "data.micro_batch_size": 4,
         "optimizer.warmup_steps": 2, "optimizer.schedule": "cosine", "checkpoint.keep": 1,
@@ -78,7 +71,7 @@ def test_resume_matches_uninterrupted_run(make_config, tmp_path):
     resumed = train(config, tmp_path / "part")
     assert resumed.resumed_from == 3 and resumed.step == full.step == 7
 
-    a, b = _train_entries(tmp_path / "full"), _train_entries(tmp_path / "part")
+    a, b = metrics_by_step(tmp_path / "full"), metrics_by_step(tmp_path / "part")
     assert sorted(a) == sorted(b) == list(range(1, 8))
     for step in a:
         assert a[step].keys() == b[step].keys()

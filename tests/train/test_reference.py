@@ -10,19 +10,12 @@ import pytest
 from safetensors.numpy import load_file
 
 from jaxalign.train.loop import train
-from jaxalign.train.metrics import HARDWARE_METRICS, read_metrics
 from jaxalign.train.reference import ReferenceCache
 from jaxalign.train.run import prepare
 
 
-def _entries(workdir) -> dict[int, dict]:
-    out: dict[int, dict] = {}
-    for e in read_metrics(workdir):
-        out.setdefault(e["step"], {}).update({k: v for k, v in e.items() if k not in HARDWARE_METRICS})
-    return out
-
-
-def test_precomputed_reference_on_a_mesh_equals_frozen_reference(make_config, reference_model_dir, tmp_path):
+def test_precomputed_reference_on_a_mesh_equals_frozen_reference(make_config, reference_model_dir, tmp_path,
+                                                                 metrics_by_step):
     """Frozen reference on one device vs precomputed reference log-probs on a (data=2, fsdp=2,
     tensor=2) mesh of the 8 fake CPU devices: same metrics and parameters. SGD, so that the
     parameters differ by lr times the gradient difference (Adam's normalisation would amplify
@@ -40,7 +33,7 @@ def test_precomputed_reference_on_a_mesh_equals_frozen_reference(make_config, re
     cache_files = os.listdir(tmp_path / "pre" / "reference_cache")
     assert len(cache_files) == 2  # train and eval examples
 
-    a, b = _entries(tmp_path / "frozen"), _entries(tmp_path / "pre")
+    a, b = metrics_by_step(tmp_path / "frozen"), metrics_by_step(tmp_path / "pre")
     assert sorted(a) == sorted(b) == [1, 2, 3]
     assert abs(a[1]["rewards/margins"]) > 1e-3  # a reference that differs from the policy
     for step in a:
@@ -97,7 +90,7 @@ def test_cache_is_recomputed_when_an_input_changes(make_config, reference_model_
     assert isinstance(ReferenceCache.load(os.path.join(cache_dir, sorted(files)[0])), ReferenceCache)
 
 
-def test_vpo_reference_samples_frozen_equals_precomputed(make_config, reference_model_dir, tmp_path):
+def test_vpo_reference_samples_frozen_equals_precomputed(make_config, reference_model_dir, tmp_path, metrics_by_step):
     cache_dir = str(tmp_path / "cache")
     overrides = {
         "steps": 1, "data.eval_pairs": 0, "loss.name": "vpo", "loss.vpo_calibration": "reference_samples",
@@ -112,7 +105,7 @@ def test_vpo_reference_samples_frozen_equals_precomputed(make_config, reference_
     with np.load(os.path.join(cache_dir, samples[0])) as f:
         lengths = np.diff(f["offsets"])
     assert lengths.min() >= 1 and lengths.max() <= 8
-    a, b = _entries(tmp_path / "frozen"), _entries(tmp_path / "pre")
+    a, b = metrics_by_step(tmp_path / "frozen"), metrics_by_step(tmp_path / "pre")
     assert abs(a[1]["vpo/regularizer"]) > 0  # the calibration term is live
     for step in a:
         for key, value in a[step].items():
