@@ -20,7 +20,7 @@ from safetensors.numpy import load_file
 
 from jaxalign.train.cli import EXIT_INTERRUPTED
 from jaxalign.train.loop import train
-from jaxalign.train.metrics import HARDWARE_METRICS, read_metrics
+from jaxalign.train.metrics import read_metrics
 
 TIMEOUT = 120  # seconds for one subprocess to reach a step or to exit
 
@@ -111,7 +111,7 @@ def test_sigterm_saves_the_current_step_and_a_second_signal_changes_nothing(
 
 
 def test_kill_9_at_random_steps_then_resume_matches_an_uninterrupted_run(
-    make_config, tmp_path, recipe_file, cli_env
+    make_config, tmp_path, recipe_file, cli_env, metrics_by_step
 ):
     config = make_config(**{
         "steps": 24, "checkpoint_every": 1, "checkpoint.keep": 2, "checkpoint.async_save": True,
@@ -148,8 +148,7 @@ def test_kill_9_at_random_steps_then_resume_matches_an_uninterrupted_run(
     differing = [k for k in expected if not np.array_equal(expected[k], got[k])]
     assert not differing, f"seed {seed}, kills (last logged step, committed, unfinished saves) {kills}: {differing}"
     # the metrics read like one uninterrupted run: every step once, the same values
-    a = {e["step"]: {k: v for k, v in e.items() if k not in HARDWARE_METRICS} for e in read_metrics(reference.workdir)}
-    b = {e["step"]: {k: v for k, v in e.items() if k not in HARDWARE_METRICS} for e in read_metrics(workdir)}
+    a, b = metrics_by_step(reference.workdir), metrics_by_step(workdir)
     assert [e["step"] for e in read_metrics(workdir)] == list(range(1, 25)), f"seed {seed}, kills {kills}"
     assert a == b, f"seed {seed}, kills {kills}"
 
