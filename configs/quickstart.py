@@ -3,7 +3,7 @@
     python -m jaxalign.train --config configs/quickstart.py --workdir runs/quickstart
 
 Writes a tiny random Llama-style model with a small BPE tokenizer to runs/tiny-model (once),
-generates the synthetic task (friendly vs dismissive answers, jaxalign/train/synthetic.py)
+generates the synthetic task (friendly vs dismissive answers, jaxalign/data/synthetic.py)
 and trains DPO against a frozen copy of the initial model. The held-out preference accuracy
 (eval/rewards/accuracies) starts at 0 (policy == reference) and climbs towards 1.
 """

@@ -15,8 +15,8 @@ import pytest
 from jaxalign.train.cli import main, parse_command_line
 from jaxalign.train.config import base_config, flatten
 from jaxalign.train.metrics import read_metrics
-from jaxalign.train.synthetic import synthetic_records
-from jaxalign.train.tiny import ensure_tiny_model
+from jaxalign.data.synthetic import synthetic_records
+from jaxalign.models.tiny import write_tiny_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -24,12 +24,11 @@ RECIPES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    spec = base_config().model.tiny
-    spec.hidden_size, spec.intermediate_size, spec.num_layers = 32, 64, 1
     records = synthetic_records(32, seed=0)
     corpus = [r["prompt"] + r[s] for r in records for s in ("chosen", "rejected")]
     path = tmp_path_factory.mktemp("recipes") / "tiny"
-    ensure_tiny_model(path, spec, max_position=64, corpus=corpus)
+    write_tiny_checkpoint(path, hidden_size=32, intermediate_size=64, num_layers=1, num_kv_heads=2,
+                          max_position=64, corpus=corpus)
     return str(path)
 
 

@@ -202,8 +202,9 @@ def _tool_step(graphdef, params, mesh, batch, *, chunk_size: int, constrain_bloc
 
 def _trainer_step(graphdef, params, mesh, batch, *, chunk_size: int) -> _Lowerable:
     """``jaxalign.train``'s step (default config: DPO, AdamW) with precomputed reference log-probs."""
+    from jaxalign.objectives import from_config
+    from jaxalign.scoring.forward import Forward
     from jaxalign.train.config import base_config
-    from jaxalign.train.objectives import make_objective
     from jaxalign.train.optimizer import make_optimizer
     from jaxalign.train.state import init_state
     from jaxalign.train.step import make_train_step
@@ -214,8 +215,8 @@ def _trainer_step(graphdef, params, mesh, batch, *, chunk_size: int) -> _Lowerab
     state_sh = parallel.param_shardings(state, mesh)
     micro = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")))  # [A=1 micro-batch, rows, ...]
     step = make_train_step(
-        graphdef=graphdef, objective=make_objective(config.loss, "precomputed"), optimizer=optimizer,
-        schedule=schedule, reference_mode="precomputed", logits_chunk=chunk_size,
+        forward=Forward(graphdef, chunk=chunk_size), objective=from_config(config.loss, "precomputed"),
+        optimizer=optimizer, schedule=schedule, reference_mode="precomputed",
         state_shardings=state_sh, batch_sharding=micro,
     )
     micro_batch = {k: jax.ShapeDtypeStruct((1, *v.shape), v.dtype, sharding=micro) for k, v in batch.items()}

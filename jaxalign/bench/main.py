@@ -26,7 +26,7 @@ from jaxalign.bench.peak import serve_peak
 from jaxalign.bench.session import Worker, interleave, preload_environment
 from jaxalign.bench.trl_side import TRLVariant, serve_trl, trl_unavailable_reason
 from jaxalign.bench.workload import FIXTURE, ModelSpec, build_workload
-from jaxalign.train.huge_pages import huge_page_environment
+from jaxalign.runtime.huge_pages import huge_page_environment
 
 __all__ = ["GROUPS", "OURS_VARIANTS", "TRL_VARIANTS", "main", "parse_args", "run_bench"]
 
@@ -162,7 +162,7 @@ def _workers(names: list[str], args: argparse.Namespace, workload: dict[str, Any
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     """Runs the benchmark described by parsed ``args``; returns the result dict."""
-    from jaxalign.bench.flops import param_counts
+    from jaxalign.perf.flops import param_counts
     from jaxalign.bench.report import summarize
 
     workdir = Path(args.workdir).resolve()

@@ -2,7 +2,7 @@
 
 A variant is built exactly as ``python -m jaxalign.train`` builds a run
 (``jaxalign.train.run.prepare`` on a config from ``base_config()``) and stepped as the
-trainer's loop steps it (host batch -> ``Run.device_batch`` -> ``Run.train_step``, metrics
+trainer's loop steps it (host batch -> ``Run.place_train`` -> ``Run.train_step``, metrics
 left on the device), without eval, checkpoints or logging.
 
 With ``cache_dir`` shared, the first precomputed variant of a run builds the reference cache
@@ -112,6 +112,8 @@ def make_config(workload: dict[str, Any], variant: OursVariant, *, batch: int, s
     c.model.dtype = variant.dtype
     c.model.remat = variant.remat
     c.model.logits_chunk = 0 if variant.chunked_logps else max_length
+    c.model.lm_head = "scored" if variant.scored_lm_head else "all"
+    c.model.query_block = c.model.query_block if variant.block_attention else 0
     c.data.train = workload["pairs_file"]
     c.data.format = "standard"
     c.data.eval_pairs = 0
@@ -131,21 +133,6 @@ def make_config(workload: dict[str, Any], variant: OursVariant, *, batch: int, s
     return validate(c)
 
 
-def _install_full_lm_head() -> None:
-    """Makes the trainer's ``forward.token_logps`` project every position through the
-    unembedding, as it did before the scored-positions head (ablation only, this process)."""
-    import jax.numpy as jnp
-
-    from jaxalign.train import forward
-
-    scored_only = forward.token_logps
-
-    def token_logps(graphdef: Any, params: Any, batch: dict[str, Any], **layout: Any) -> Any:
-        return scored_only(graphdef, params, {**batch, "loss_mask": jnp.ones_like(batch["loss_mask"])}, **layout)
-
-    forward.token_logps = token_logps
-
-
 class OursBench:
     """Worker-side state of one jaxalign variant (see the module docstring)."""
 
@@ -161,7 +148,7 @@ class OursBench:
     # -- set-up ------------------------------------------------------------------------------
 
     def _host_step_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from jaxalign.train.step import stack_micro_batches
+        from jaxalign.data.batching import stack_micro_batches
 
         return stack_micro_batches([batch])
 
@@ -183,12 +170,6 @@ class OursBench:
 
         from jaxalign.train.run import prepare
 
-        if not self.variant.block_attention:
-            from jaxalign.models import causal_lm
-
-            causal_lm.QUERY_BLOCK = 0
-        if not self.variant.scored_lm_head:
-            _install_full_lm_head()
         config = make_config(self.workload, self.variant, batch=self.batch, seed=self.seed,
                              learning_rate=self.learning_rate, cache_dir=self.cache_dir)
         cached = bool(self.cache_dir) and os.path.isdir(self.cache_dir) and bool(os.listdir(self.cache_dir))
@@ -201,7 +182,7 @@ class OursBench:
         compile_s, shapes = 0.0, []
         step = self.run.train_step
         for batch in self._shape_batches():
-            device = self.run.device_batch(self._host_step_batch(batch), stacked=True)
+            device = self.run.place_train(self._host_step_batch(batch), stacked=True)
             t = time.perf_counter()
             step.lower(self.state, device, self.run.reference_params).compile()
             compile_s += time.perf_counter() - t
@@ -231,7 +212,7 @@ class OursBench:
             tokens += float(np.count_nonzero(host["segment_ids"]))
             slots += float(host["segment_ids"].size)
             completion += float(host["loss_mask"].sum())
-            self.state, self.metrics = run.train_step(self.state, run.device_batch(host, stacked=True),
+            self.state, self.metrics = run.train_step(self.state, run.place_train(host, stacked=True),
                                                       run.reference_params)
         jax.block_until_ready(self.state)
         seconds = time.perf_counter() - start
@@ -241,7 +222,7 @@ class OursBench:
     def finish(self) -> dict[str, Any]:
         import jax
 
-        from jaxalign.bench.memory import device_peak_bytes, peak_rss_bytes
+        from jaxalign.perf.memory import device_peak_bytes, peak_rss_bytes
 
         loss = float(jax.device_get(self.metrics["loss"])) if self.metrics is not None else math.nan
         return {"peak_rss_bytes": peak_rss_bytes(), "device_peak_bytes": device_peak_bytes(), "last_loss": loss,

@@ -3,7 +3,7 @@
 Per variant (windows ``w``): ``pairs_per_s = sum(pairs_w) / sum(seconds_w)`` and likewise
 ``tokens_per_s`` (real, non-padding tokens of chosen and rejected rows, prompts included);
 ``model_flops_per_s = (6 + 2 * on_the_fly_reference) * N * tokens_per_s``
-(``jaxalign.bench.flops``) and ``mfu = model_flops_per_s / peak``, with ``peak`` the
+(``jaxalign.perf.flops``) and ``mfu = model_flops_per_s / peak``, with ``peak`` the
 variant's own: the measured JAX matmul peak on this CPU in the precision the variant
 computes in (float32, or bfloat16 with float32 accumulation), the vendor's on an accelerator.
 ``padding_efficiency = real tokens / row slots`` (what share of the computed positions is
@@ -19,7 +19,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from jaxalign.bench.flops import train_flops_per_token
+from jaxalign.perf.flops import mfu, train_flops_per_token
 
 __all__ = ["HEADLINE_KEYS", "markdown", "summarize"]
 
@@ -46,8 +46,8 @@ def _variant_numbers(raw: dict[str, Any], *, flop_params: int, unembedding_param
         "tokens_per_s": tokens / seconds,
         "seconds_per_step": seconds / sum(w["steps"] for w in windows),
         "model_flops_per_s": flops,
-        "mfu": flops / peak,
-        "mfu_scored_lm_head": strict / peak,
+        "mfu": mfu(flops, peak),
+        "mfu_scored_lm_head": mfu(strict, peak),
         "scored_token_share": scored / tokens if tokens else None,
         "padding_efficiency": tokens / slots if slots else None,
         "tokens_per_pair": tokens / pairs if pairs else None,

@@ -147,7 +147,7 @@ def serve_trl(conn, *, workload: dict[str, Any], variant: TRLVariant, batch: int
     try:
         import torch
 
-        from jaxalign.bench.memory import peak_rss_bytes
+        from jaxalign.perf.memory import peak_rss_bytes
 
         torch.set_num_threads(threads)
         request = conn.recv()

@@ -11,6 +11,7 @@ from jaxalign.data.batching import (
     pad_batch,
     padded_batch,
     plan_pack,
+    stack_micro_batches,
 )
 from jaxalign.data.dataset import DataReport, EncodedDataset, encode_records, load_dataset, read_records
 from jaxalign.data.encoding import EncodedExample, EncodedPair, EncodedSequence, Encoder
@@ -64,6 +65,7 @@ __all__ = [
     "plan_pack",
     "read_records",
     "resolve_source",
+    "stack_micro_batches",
     "truncate_example",
     "truncate_pair",
 ]

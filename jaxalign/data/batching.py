@@ -16,12 +16,19 @@ example_index -1, no tokens). Sequence ``s`` of slot ``p`` has sequence id ``p +
 ``"completion"`` marks the completion tokens (EOS included, the first one too);
 ``"prompt_and_completion"`` (DOVE) marks every token but the first of the sequence (BOS, or
 for a tokenizer without BOS the first prompt token, which has no context to be scored from).
+
+Side arrays: each key of the sequences' ``EncodedSequence.side`` becomes a batch array ``[R, L]``
+or ``[R, L, K]`` (its dtype), holding each token's values where the token lands and 0 at every
+other position. All sequences of a batch must carry the same side keys, trailing shapes and
+dtypes; a batch of filler slots only has none. *Token arrays* are the ``_row_fill`` keys and
+every other key whose leading dims equal ``input_ids``' ``[R, L]`` (the side arrays; the ``[P]``
+per-slot arrays never are): ``pad_batch`` pads them, ``stack_micro_batches`` through it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal, Union
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Union
 
 import numpy as np
 
@@ -36,6 +43,7 @@ __all__ = [
     "pad_batch",
     "padded_batch",
     "plan_pack",
+    "stack_micro_batches",
 ]
 
 Slot = Union[EncodedPair, EncodedExample, None]
@@ -45,6 +53,8 @@ BATCH_KEYS = ("input_ids", "positions", "segment_ids", "loss_mask", "sequence_id
 
 # One placement per sequence of a slot: (row, start offset within the row).
 Placement = tuple[tuple[int, int], ...]
+# A side array's layout: its trailing shape (after the token axis) and dtype.
+SideSpec = tuple[tuple[int, ...], np.dtype]
 
 
 def bucket_length(n: int, buckets: Sequence[int]) -> int:
@@ -70,24 +80,77 @@ def _row_fill(pad_id: int) -> dict[str, int]:
     return {"input_ids": pad_id, "positions": 0, "segment_ids": 0, "loss_mask": 0, "sequence_ids": -1}
 
 
+def _token_fill(batch: Mapping[str, Any], pad_id: int) -> dict[str, int]:
+    """The token arrays of ``batch`` and their empty-position value: the ``_row_fill`` keys, and
+    (side arrays, 0) every other key whose leading dims are ``input_ids``' ``[R, L]``."""
+    fill = _row_fill(pad_id)
+    shape = np.shape(batch["input_ids"])
+    return fill | {key: 0 for key, value in batch.items() if key not in fill and np.shape(value)[:2] == shape}
+
+
 def pad_batch(batch: dict[str, np.ndarray], *, rows: int, length: int, pad_id: int) -> dict[str, np.ndarray]:
-    """``batch`` with its ``[R, L]`` token arrays padded by empty rows and columns to ``[rows,
-    length]`` (token ``pad_id``, segment 0: no sequence sees them, no sum counts them)."""
+    """``batch`` with its token arrays (``[R, L]``, side arrays ``[R, L, K]`` too) padded by empty
+    rows and columns to ``[rows, length]`` (token ``pad_id``, segment 0, side values 0: no
+    sequence sees them, no sum counts them)."""
     r, n = batch["input_ids"].shape
     if (r, n) == (rows, length):
         return batch
     if rows < r or length < n:
         raise ValueError(f"cannot pad a [{r}, {n}] batch to [{rows}, {length}]")
     out = dict(batch)
-    for key, fill in _row_fill(pad_id).items():
-        out[key] = np.pad(batch[key], [(0, rows - r), (0, length - n)], constant_values=fill)
+    for key, fill in _token_fill(batch, pad_id).items():
+        width = [(0, rows - r), (0, length - n)] + [(0, 0)] * (np.ndim(batch[key]) - 2)
+        out[key] = np.pad(batch[key], width, constant_values=fill)
     return out
 
 
-def _empty(rows: int, length: int, pad_id: int, slots: int) -> dict[str, np.ndarray]:
+def stack_micro_batches(batches: list[dict[str, Any]], pad_id: int = 0) -> dict[str, Any]:
+    """Stacks ``A`` micro-batches (same keys) into one ``[A, ...]`` step batch, their token
+    arrays first padded to the largest rows and length among them (``pad_batch``: padded
+    batches differ in length, packed ones in rows; empty positions change no sum)."""
+    keys = batches[0].keys()
+    for i, b in enumerate(batches):
+        if b.keys() != keys:
+            raise ValueError(f"micro-batch {i} has keys {sorted(b)}, expected {sorted(keys)}")
+    rows = max(b["input_ids"].shape[0] for b in batches)
+    length = max(b["input_ids"].shape[1] for b in batches)
+    batches = [pad_batch(b, rows=rows, length=length, pad_id=pad_id) for b in batches]
+    return {k: np.stack([np.asarray(b[k]) for b in batches]) for k in keys}
+
+
+def _side_specs(seq: EncodedSequence) -> dict[str, SideSpec]:
+    return {key: (value.shape[1:], value.dtype) for key, value in seq.side.items()}
+
+
+def _describe(spec: SideSpec | None) -> str:
+    """``"[n, K] dtype"``, or ``"missing"``."""
+    return "missing" if spec is None else f"[{', '.join(map(str, ('n', *spec[0])))}] {spec[1]}"
+
+
+def _batch_side_specs(slots: Sequence[Slot]) -> dict[str, SideSpec]:
+    """The side arrays of a batch (sorted by key): those of its first sequence, which every
+    sequence must share (``ValueError`` naming the example and key otherwise)."""
+    seqs = [(slot.index, seq) for slot in slots if slot is not None for seq in slot.sequences]
+    specs = _side_specs(seqs[0][1]) if seqs else {}
+    for index, seq in seqs:
+        other = _side_specs(seq)
+        for key in sorted(specs.keys() | other.keys()):
+            if specs.get(key) != other.get(key):
+                raise ValueError(f"example {index}: side array {key!r} is {_describe(other.get(key))}, "
+                                 f"in the batch's first sequence {_describe(specs.get(key))}")
+    clash = sorted(specs.keys() & set(BATCH_KEYS))
+    if clash:
+        raise ValueError(f"side arrays {clash} would overwrite batch keys")
+    return dict(sorted(specs.items()))
+
+
+def _empty(rows: int, length: int, pad_id: int, slots: Sequence[Slot]) -> dict[str, np.ndarray]:
+    """An all-empty batch of ``len(slots)`` filler slots, with the slots' side arrays (zeros)."""
     batch = {key: np.full((rows, length), fill, np.float32 if key == "loss_mask" else np.int32)
              for key, fill in _row_fill(pad_id).items()}
-    batch.update(pair_mask=np.zeros((slots,), np.float32), example_index=np.full((slots,), -1, np.int64))
+    batch.update(pair_mask=np.zeros((len(slots),), np.float32), example_index=np.full((len(slots),), -1, np.int64))
+    batch.update({key: np.zeros((rows, length, *trailing), dtype)
+                  for key, (trailing, dtype) in _batch_side_specs(slots).items()})
     return batch
 
 
@@ -113,6 +176,8 @@ def _fill(
             batch["segment_ids"][row, start:end] = segment_of[(row, start)]
             batch["loss_mask"][row, start:end] = loss_mask(seq, mask)
             batch["sequence_ids"][row, start:end] = slot_offset + p + s * total_slots
+            for key, value in seq.side.items():
+                batch[key][row, start:end] = value
     return batch
 
 
@@ -141,7 +206,7 @@ def padded_batch(
         if slot is not None and max(len(s) for s in slot.sequences) > length:
             raise ValueError(f"example {slot.index}: a sequence is longer than the row length {length}")
     segment_of = {place: 1 for pl in placements if pl for place in pl}
-    batch = _empty(n_seq * n, length, pad_id, n)
+    batch = _empty(n_seq * n, length, pad_id, slots)
     return _fill(batch, slots, placements, segment_of, mask=mask, slot_offset=slot_offset,
                  total_slots=n if total_slots is None else total_slots)
 
@@ -202,6 +267,6 @@ def packed_batch(
         for row, start in place or ():
             starts.setdefault(row, []).append(start)
     segment_of = {(row, start): i + 1 for row, ss in starts.items() for i, start in enumerate(sorted(ss))}
-    batch = _empty(rows, length, pad_id, len(slots))
+    batch = _empty(rows, length, pad_id, slots)
     return _fill(batch, slots, placements, segment_of, mask=mask, slot_offset=slot_offset,
                  total_slots=len(slots) if total_slots is None else total_slots)

@@ -24,7 +24,8 @@ For one (prompt, completion) the encoder produces ``ids = prompt_ids + completio
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -44,11 +45,25 @@ BoundaryPolicy = Literal["split", "error"]
 
 @dataclass(frozen=True)
 class EncodedSequence:
-    """Token ids ``[n]`` int32; ``ids[:prompt_len]`` is the prompt (with BOS), the rest the completion."""
+    """Token ids ``[n]`` int32; ``ids[:prompt_len]`` is the prompt (with BOS), the rest the completion.
+
+    ``side``: per-token arrays label-aligned with ``ids`` (``side[k][t]`` belongs to token ``t``),
+    each ``[n]`` or ``[n, K]`` of any dtype (e.g. a teacher's top-k ids and probs); batching
+    carries them to the rows and columns where the tokens land.
+    """
 
     ids: np.ndarray
     prompt_len: int
     has_bos: bool
+    side: Mapping[str, np.ndarray] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        for key, value in self.side.items():
+            if value.ndim not in (1, 2) or value.shape[0] != len(self):
+                raise ValueError(
+                    f"side array {key!r} has shape {value.shape}; it must be [{len(self)}] or "
+                    f"[{len(self)}, K], label-aligned with ids of shape {self.ids.shape}"
+                )
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])

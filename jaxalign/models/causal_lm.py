@@ -110,13 +110,10 @@ class CausalLM(nnx.Module):
         return logits, KVCache(tuple(keys), tuple(values), all_segments, all_positions, start + t)
 
 
-# Queries per attention block in forwards without a KV cache (see dot_product_attention).
-QUERY_BLOCK = 128
-
-
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, kv, index, scale: float):
-    """Attention of ``q`` over this call's ``k, v`` (no cache) or over the cache with them written in."""
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, kv, index, scale: float, query_block: int):
+    """Attention of ``q`` over this call's ``k, v`` (no cache: ``query_block`` queries at a time,
+    see ``dot_product_attention``) or over the cache with them written in."""
     if kv is None:
-        return dot_product_attention(q, k, v, mask, scale, query_block=QUERY_BLOCK), None
+        return dot_product_attention(q, k, v, mask, scale, query_block=query_block), None
     k_all, v_all = write_slots(kv[0], k, index), write_slots(kv[1], v, index)
     return dot_product_attention(q, k_all, v_all, mask, scale), (k_all, v_all)

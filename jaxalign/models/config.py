@@ -66,7 +66,10 @@ class ModelConfig:
     output projection (Llama's ``attention_bias`` sets both, Qwen2 has only the first, GPT-2
     both). ``sliding_window``: a query at position p sees keys at positions > p - window
     (Mistral). ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype. ``remat`` is
-    the per-layer rematerialisation policy, one of ``REMAT_POLICIES``.
+    the per-layer rematerialisation policy, one of ``REMAT_POLICIES``. ``query_block``: queries
+    per attention block in forwards without a KV cache (0 = one full score matrix; see
+    ``attention.dot_product_attention``). ``dtype``, ``param_dtype``, ``remat`` and
+    ``query_block`` choose how the model runs, not what it computes: they are not exported.
     """
 
     family: str
@@ -93,6 +96,7 @@ class ModelConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: str = "none"
+    query_block: int = 128
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", _as_dtype(self.dtype, "dtype"))
@@ -114,6 +118,8 @@ class ModelConfig:
             raise UnsupportedModelError(f"activation {self.activation!r} is not supported (supported: {ACTIVATIONS})")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"ModelConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if not isinstance(self.query_block, int) or self.query_block < 0:
+            raise ValueError(f"ModelConfig.query_block must be an int >= 0, got {self.query_block!r}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"ModelConfig.sliding_window must be positive or None, got {self.sliding_window}")
         self._check_family_options()

@@ -25,11 +25,12 @@ class GPT2Attention(nnx.Module):
         self.c_proj = Projection((h, dh, d), ("heads", "head_dim", "embed"), "blhk,hkd->bld",
                                  n_in=2, bias=True, **kw)
         self.scale = dh ** -0.5
+        self.query_block = cfg.query_block
 
     def __call__(self, x, positions, mask, kv, index):
         qkv = self.c_attn(x)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        out, kv = attend(q, k, v, mask, kv, index, self.scale)
+        out, kv = attend(q, k, v, mask, kv, index, self.scale, self.query_block)
         return self.c_proj(out), kv
 
 

@@ -130,17 +130,18 @@ def _place(x: np.ndarray, dtype, axes, sharding_fn: ShardingFn | None) -> jax.Ar
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                    sharding_fn: ShardingFn | None = None, remat: str = "none") -> CausalLM:
+                    sharding_fn: ShardingFn | None = None, remat: str = "none", query_block: int = 128) -> CausalLM:
     """Our decoder with the weights of the local HF checkpoint directory ``path``.
 
     ``dtype`` is the compute dtype, ``param_dtype`` the dtype parameters are stored in (cast on
     the fly). ``sharding_fn(logical_axes, shape) -> Sharding`` places each parameter (default:
-    the default device). ``remat`` is the per-layer rematerialisation policy. Raises
+    the default device). ``remat`` is the per-layer rematerialisation policy, ``query_block`` the
+attention's query block (``ModelConfig``). Raises
     ``UnsupportedModelError`` for an unsupported architecture or option and ``CheckpointError``
     naming the file and tensor for missing, corrupt or misshaped weights.
     """
     path = Path(path)
-    config = load_config(path, dtype=dtype, param_dtype=param_dtype, remat=remat)
+    config = load_config(path, dtype=dtype, param_dtype=param_dtype, remat=remat).replace(query_block=query_block)
     tensors = CheckpointTensors(path)
     graphdef, state = nnx.split(abstract_model(config))
     mappings = {m.path: m for m in tensor_mappings(config)}

@@ -29,11 +29,12 @@ class LlamaAttention(nnx.Module):
         self.o_proj = Projection((h, dh, d), ("heads", "head_dim", "embed"), "blhk,hkd->bld",
                                  n_in=2, bias=cfg.attention_out_bias, **kw)
         self.scale = dh ** -0.5
+        self.query_block = cfg.query_block
 
     def __call__(self, x, rope, mask, kv, index):
         q = apply_rope(self.q_proj(x), rope)
         k = apply_rope(self.k_proj(x), rope)
-        out, kv = attend(q, k, self.v_proj(x), mask, kv, index, self.scale)
+        out, kv = attend(q, k, self.v_proj(x), mask, kv, index, self.scale, self.query_block)
         return self.o_proj(out), kv
 
 

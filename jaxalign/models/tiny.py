@@ -2,14 +2,17 @@
 
 ``write_tiny_checkpoint(out_dir, family="llama")`` writes a loadable checkpoint directory of a
 few hundred thousand parameters. The tokenizer is the small trained byte-level BPE
-(``"bpe"``, default) or the real Qwen2.5 vocabulary (``"qwen"``: a 151k-row embedding) from
-``jaxalign.tokenizers``; the model's vocabulary covers it, rounded up to a multiple of 64.
+(``"bpe"``, default; trained on ``corpus``, or the committed HH-RLHF fixture) or the real
+Qwen2.5 vocabulary (``"qwen"``: a 151k-row embedding) from ``jaxalign.tokenizers``; the
+model's vocabulary covers it, rounded up to a multiple of 64. ``ensure_tiny_checkpoint`` writes
+one only where none is (the trainer's ``model.create_if_missing``). Nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from jaxalign.models.build import make_model
@@ -47,6 +50,8 @@ def tiny_config(
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size {hidden_size} must be a multiple of num_heads {num_heads}")
     gpt2 = family == "gpt2"
     scaling = None
     if rope_scaling == "linear":
@@ -73,15 +78,16 @@ def tiny_config(
     )
 
 
-def build_tokenizer(kind: str, *, bpe_vocab_size: int = 1024):
-    """A ``transformers`` tokenizer built locally: ``"bpe"`` (small trained BPE) or ``"qwen"``."""
+def build_tokenizer(kind: str, *, bpe_vocab_size: int = 1024, corpus: Iterable[str] | None = None):
+    """A ``transformers`` tokenizer built locally: ``"bpe"`` (small BPE trained on ``corpus``,
+    default the HH-RLHF fixture) or ``"qwen"``."""
     from jaxalign import tokenizers
 
     if kind not in TOKENIZERS:
         raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {kind!r}")
     with tempfile.TemporaryDirectory() as tmp:
         if kind == "bpe":
-            tokenizers.build_bpe_tokenizer(tmp, vocab_size=bpe_vocab_size)
+            tokenizers.build_bpe_tokenizer(tmp, vocab_size=bpe_vocab_size, corpus=corpus)
         else:
             tokenizers.build_qwen_tokenizer(tmp)
         return tokenizers.load_tokenizer(tmp)
@@ -97,6 +103,8 @@ def write_tiny_checkpoint(
     family: str = "llama",
     tokenizer: str | None = "bpe",
     vocab_size: int | None = None,
+    bpe_vocab_size: int = 1024,
+    corpus: Iterable[str] | None = None,
     seed: int = 0,
     overwrite: bool = False,
     **config_options,
@@ -104,12 +112,13 @@ def write_tiny_checkpoint(
     """Write a random ``family`` checkpoint (config.json, model.safetensors, tokenizer) to ``out_dir``.
 
     With ``tokenizer=None`` no tokenizer is written and ``vocab_size`` is required;
-    ``config_options`` go to ``tiny_config``. Returns ``out_dir``.
+    ``bpe_vocab_size`` and ``corpus`` train the ``"bpe"`` tokenizer; ``config_options`` go to
+    ``tiny_config``. Returns ``out_dir``.
     """
     tok = None
     tokens: dict[str, int | None] = {}
     if tokenizer is not None:
-        tok = build_tokenizer(tokenizer)
+        tok = build_tokenizer(tokenizer, bpe_vocab_size=bpe_vocab_size, corpus=corpus)
         needed = round_up(len(tok))
         if vocab_size is not None and vocab_size < len(tok):
             raise ValueError(f"vocab_size={vocab_size} is smaller than the {tokenizer!r} tokenizer ({len(tok)} tokens)")
@@ -120,3 +129,22 @@ def write_tiny_checkpoint(
     config = tiny_config(family, vocab_size=vocab_size, **tokens, **config_options)
     model = make_model(config, seed=seed)
     return save_pretrained(model, out_dir, tokenizer=tok, overwrite=overwrite)
+
+
+def ensure_tiny_checkpoint(out_dir: str | os.PathLike, **options) -> bool:
+    """``write_tiny_checkpoint(out_dir, **options)`` unless ``out_dir`` already holds a
+    ``config.json``; True when it wrote one. The checkpoint is written beside ``out_dir`` and
+    renamed into place, so a killed write never leaves a half model there. ``FileExistsError``
+    when ``out_dir`` holds other files."""
+    path = Path(out_dir)
+    if (path / "config.json").is_file():
+        return False
+    if path.exists() and any(path.iterdir()):
+        raise FileExistsError(f"{path} exists but holds no config.json; refusing to write a tiny model into it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        staged = write_tiny_checkpoint(Path(tmp) / "model", **options)
+        if path.exists():
+            path.rmdir()
+        os.replace(staged, path)
+    return True

@@ -2,27 +2,66 @@
 
 The config file defines ``get_config()`` (ml_collections; ``configs/X.py:ARG`` passes ``ARG``);
 ``--config.a.b=value`` overrides a field (absl ``config_flags`` parsing, types are checked).
-A key that does not exist is an error naming the closest existing keys. Without
-``--workdir`` the run goes to ``runs/<recipe>-<YYYYmmdd-HHMMSS>``. Running the same command
-again on a directory that holds checkpoints resumes the run.
+A key that does not exist is an error naming the closest existing keys; ``--config FILE``
+may stand anywhere among them. Without ``--workdir`` the run goes to ``runs/<recipe>``, so
+running the same command again resumes it. ``--help`` (``-h``) prints ``help_text()``;
+``--print-config`` prints the resolved config, every key with its comment; both exit 0.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import time
 from collections.abc import Sequence
 
 import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from jaxalign.train.config import ConfigError, close_matches, flatten, validate
+from jaxalign.train.config import ConfigError, close_matches, describe, flatten, validate
 
 __all__ = ["main", "parse_command_line"]
 
 USAGE = "usage: python -m jaxalign.train --config configs/RECIPE.py [--workdir DIR] [--config.KEY=VALUE ...]"
+PRINT_CONFIG = "--print-config"
+RECIPES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+
+HELP = f"""{USAGE}
+
+Trains the recipe's model with its objective (SFT, DPO and the other pairwise preference
+losses, or a Bradley-Terry reward model; jaxalign/objectives).
+
+  --config FILE[:ARG]     recipe file defining get_config() (ARG is passed to it); required
+  --config.KEY=VALUE      override one config field, e.g. --config.steps=100 or
+                          --config.optimizer.learning_rate=1e-5 (types and ranges are checked;
+                          an unknown KEY is an error naming the closest keys)
+  --workdir DIR           run directory (default runs/<recipe>); running the same command
+                          again on a directory with checkpoints resumes the run
+  {PRINT_CONFIG}          print the resolved config, every key with its value and comment
+                          (docs/configuration.md has the checks), and exit
+  -h, --help              show this message
+{{recipes}}
+Malloc's huge pages (config.huge_pages, default True): on a CPU host running Linux with
+glibc >= 2.35 and transparent huge pages (THP mode madvise or always), the trainer restarts
+itself once, before JAX loads, with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, so that the
+buffers XLA:CPU allocates in every step come in 2 MiB pages (fewer page faults; 1.09-1.26x
+faster steps where measured, docs/performance.md). A CPU host: JAX_PLATFORMS names only cpu,
+or, with it unset, no GPU/TPU device file is present (/dev/nvidia*, /dev/kfd, /dev/accel*,
+/dev/vfio/<N>, ...). Turn it off with --config.huge_pages=False (or by setting
+glibc.malloc.hugetlb yourself in GLIBC_TUNABLES, e.g. =0).
+
+Exit codes: 0 done (or already finished), 2 bad command line/config or the run cannot
+start, 3 stopped after too many non-finite steps, 75 interrupted (checkpoint saved; run the
+same command again to resume).
+"""
+HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "--helpfull")
+
+
+def help_text() -> str:
+    """``HELP`` with the recipes of this checkout's ``configs/`` listed."""
+    names = sorted(f[:-3] for f in os.listdir(RECIPES_DIR) if f.endswith(".py")) if os.path.isdir(RECIPES_DIR) else []
+    recipes = f"\nRecipes ({RECIPES_DIR}): {', '.join(names)}\n" if names else ""
+    return HELP.format(recipes=recipes)
 
 # Exit codes (docs/fault_tolerance.md). 1 is left to Python for an unexpected exception.
 EXIT_OK = 0  # all steps done (or the run was already finished)
@@ -55,18 +94,29 @@ def _override_names(argv: Sequence[str]) -> list[str]:
     return names
 
 
-def parse_command_line(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, str | None, str]:
+def _config_first(argv: list[str]) -> list[str]:
+    """``argv`` with ``--config FILE`` (or ``--config=FILE``) moved before the overrides, which
+    absl needs: ``--config.KEY=VALUE`` may then be given in any order."""
+    for i, arg in enumerate(argv[1:], 1):
+        if arg in ("--config", "-config") and i + 1 < len(argv):
+            return [argv[0], *argv[i : i + 2], *argv[1:i], *argv[i + 2 :]]
+        if arg.startswith(("--config=", "-config=")):
+            return [argv[0], arg, *argv[1:i], *argv[i + 1 :]]
+    return argv
+
+
+def parse_command_line(argv: Sequence[str], *, check: bool = True) -> tuple[ml_collections.ConfigDict, str | None, str]:
     """``(config, workdir or None, recipe path)`` from ``argv`` (``argv[0]`` is the program).
 
     Raises ``ConfigError`` for a missing ``--config``, an unknown override key (with close
-    matches), a badly typed value, or an invalid resulting config.
+    matches), a badly typed value, or (``check``) an invalid resulting config.
     """
-    argv = list(argv)
+    argv = _config_first(list(argv))
     overrides = _override_names(argv)
     base_argv = [a for i, a in enumerate(argv) if i == 0 or not a.startswith("--config.")]
     base = _flag_values(base_argv)
     if base["config"].value is None:
-        raise ConfigError(f"--config is required\n{USAGE}")
+        raise ConfigError(f"--config is required\n{USAGE}\n(--help for more)")
     recipe = base["config"].config_filename
     if not os.path.isfile(recipe):
         raise ConfigError(f"--config {recipe}: no such file\n{USAGE}")
@@ -83,15 +133,15 @@ def parse_command_line(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, 
             lines.append(f"unknown config key --config.{name}{hint}")
         raise ConfigError("\n".join(lines))
     fv = _flag_values(argv)
-    config = fv.config
-    validate(config)
-    return config, fv.workdir, recipe
+    if check:
+        validate(fv.config)
+    return fv.config, fv.workdir, recipe
 
 
 def default_workdir(recipe: str, root: str = "runs") -> str:
-    """``runs/<recipe name>-<timestamp>`` (a new directory per run)."""
+    """``runs/<recipe name>``: the same command resumes the same run."""
     name = os.path.splitext(os.path.basename(recipe.split(":", 1)[0]))[0] or "run"
-    return os.path.join(root, f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return os.path.join(root, name)
 
 
 def main(argv: Sequence[str] | None = None, *, reexec: bool = False) -> int:
@@ -99,16 +149,24 @@ def main(argv: Sequence[str] | None = None, *, reexec: bool = False) -> int:
     (``EXIT_OK``, ``EXIT_USAGE``, ``EXIT_NONFINITE``, ``EXIT_INTERRUPTED``).
 
     ``reexec`` (the program's entry point only): with ``config.huge_pages`` the process first
-    restarts itself with transparent huge pages for malloc (``jaxalign.train.huge_pages``).
+    restarts itself with transparent huge pages for malloc, on CPU hosts where glibc and the
+    kernel support them (``jaxalign.runtime.huge_pages``; see ``help_text()``).
     """
     argv = list(sys.argv if argv is None else argv)
+    if any(arg in HELP_FLAGS for arg in argv[1:]):
+        print(help_text(), end="", flush=True)
+        return EXIT_OK
+    print_config = PRINT_CONFIG in argv[1:]
     try:
-        config, workdir, recipe = parse_command_line(argv)
+        config, workdir, recipe = parse_command_line([a for a in argv if a != PRINT_CONFIG], check=not print_config)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    if print_config:
+        print(describe(config), flush=True)
+        return EXIT_OK
     if reexec and config.huge_pages:
-        from jaxalign.train.huge_pages import reexec_with_huge_pages
+        from jaxalign.runtime.huge_pages import reexec_with_huge_pages
 
         reexec_with_huge_pages()
     from jaxalign.train.loop import RunError, train

@@ -17,13 +17,17 @@ from typing import Any
 import ml_collections
 
 from jaxalign import parallel
+from jaxalign.parallel.mesh import mesh_config_dict
 
 __all__ = [
     "ALLOWED",
+    "RANGES",
     "ConfigError",
     "base_config",
     "close_matches",
+    "config_comments",
     "config_diff",
+    "describe",
     "flatten",
     "grad_accum_steps",
     "micro_batch_size",
@@ -46,7 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every = 100  # evaluate on held-out pairs every N steps (0 = only at start and end)
     c.checkpoint_every = 500  # save a checkpoint every N steps (0 = only at the end)
     c.progress_bar = True  # show a tqdm progress bar on process 0
-    c.huge_pages = True  # python -m jaxalign.train restarts itself with glibc.malloc.hugetlb=1: transparent huge pages for XLA's host buffers (Linux, glibc >= 2.35; docs/performance.md)
+    c.huge_pages = True  # on CPU hosts, python -m jaxalign.train restarts itself with glibc.malloc.hugetlb=1: transparent huge pages for XLA's host buffers (Linux, glibc >= 2.35; docs/performance.md)
     c.compilation_cache_dir = ""  # persistent XLA compilation cache (a restart or resume loads compiled steps): "" = JAX_COMPILATION_CACHE_DIR if set, else WORKDIR/compilation_cache; "none" = off; else a directory (runs may share one)
     c.peak_flops_per_device = 0.0  # MFU denominator (FLOP/s per device) of the logged `mfu`; 0 = the data sheet's dense peak for the device and model.dtype (known GPUs/TPUs; none on CPU: no `mfu`)
     c.max_consecutive_nonfinite = 10  # stop (checkpoint = last good state) after N consecutive skipped non-finite steps; 0 = never
@@ -59,6 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"  # dtype of the trained (master) parameters
     c.model.remat = "none"  # per-layer rematerialisation: none | full | dots_saveable | dots_with_no_batch_dims_saveable
     c.model.logits_chunk = 0  # sequence chunk for the log-prob unembedding (0 = library default)
+    c.model.lm_head = "scored"  # scored: unembed only the positions the loss scores | all: every position (slower; benchmark ablation)
+    c.model.query_block = 128  # queries per attention block (0 = one full [L, L] score matrix; benchmark ablation)
     c.model.tiny = ml_collections.ConfigDict()  # the model written when create_if_missing
     c.model.tiny.family = "llama"  # llama | gpt2
     c.model.tiny.hidden_size = 64  # width of the residual stream
@@ -109,7 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.schedule = "cosine"  # after warmup: cosine | linear (decay to end_factor*peak) | constant
     c.optimizer.end_factor = 0.0  # final learning rate as a fraction of the peak
     c.optimizer.max_grad_norm = 1.0  # clip the global gradient norm (0 = no clipping)
-    c.optimizer.weight_decay = 0.0  # decoupled weight decay on matrices (ndim >= 2)
+    c.optimizer.weight_decay = 0.0  # decoupled weight decay on linear-map weights and embeddings (never norms or biases)
     c.optimizer.b1 = 0.9  # adamw beta1
     c.optimizer.b2 = 0.999  # adamw beta2
     c.optimizer.eps = 1e-8  # adamw epsilon
@@ -178,6 +184,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"),
+    "model.lm_head": ("scored", "all"),
     "model.tiny.family": ("llama", "gpt2"),
     "data.format": ("auto", "standard", "conversational", "implicit", "dove", "sft"),
     "data.on_bad_record": ("error", "skip"),
@@ -192,15 +199,69 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "checkpoint.best_mode": ("min", "max"),
 }
 
-# Fields that must be >= 1 / >= 0.
-_POSITIVE = ("data.batch_size", "data.max_length", "data.max_prompt_length", "eval.batch_size", "log_every")
-_NON_NEGATIVE = (
-    "steps", "epochs", "eval_every", "checkpoint_every", "data.micro_batch_size", "data.pack_rows",
-    "data.eval_pairs", "optimizer.learning_rate", "optimizer.warmup_steps", "optimizer.max_grad_norm",
-    "optimizer.weight_decay", "checkpoint.keep", "eval.max_batches", "model.logits_chunk",
-    "reference.cache_batch_size", "max_consecutive_nonfinite", "peak_flops_per_device", "profile.steps",
-    "profile.skip_steps",
-)
+# Numeric ranges: key -> (low, high, low included, high included); None = unbounded.
+_AT_LEAST_1 = (1, None, True, False)
+_AT_LEAST_0 = (0, None, True, False)
+_ABOVE_0 = (0, None, False, False)
+RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    **dict.fromkeys((
+        "log_every", "data.batch_size", "data.max_length", "data.max_prompt_length", "data.synthetic_pairs",
+        "eval.batch_size", "checkpoint.keep", "loss.vpo_max_new_tokens", "model.tiny.hidden_size",
+        "model.tiny.num_layers", "model.tiny.num_heads", "model.tiny.num_kv_heads", "model.tiny.intermediate_size",
+        "model.tiny.vocab_size", "distributed.initialization_timeout", "distributed.heartbeat_timeout",
+    ), _AT_LEAST_1),
+    **dict.fromkeys((
+        "steps", "epochs", "eval_every", "checkpoint_every", "max_consecutive_nonfinite", "peak_flops_per_device",
+        "data.micro_batch_size", "data.pack_rows", "data.eval_pairs", "eval.max_batches", "model.logits_chunk",
+        "model.query_block", "reference.cache_batch_size", "profile.steps", "profile.skip_steps",
+        "optimizer.warmup_steps", "optimizer.max_grad_norm", "optimizer.weight_decay", "loss.vpo_alpha",
+        "loss.reward_margin", "distributed.num_processes",
+    ), _AT_LEAST_0),
+    **dict.fromkeys(("optimizer.learning_rate", "optimizer.eps", "loss.beta"), _ABOVE_0),
+    "optimizer.end_factor": (0, 1, True, True),
+    **dict.fromkeys(("optimizer.b1", "optimizer.b2", "optimizer.momentum"), (0, 1, True, False)),
+    **dict.fromkeys(("loss.epsilon", "loss.label_smoothing"), (0, 0.5, True, False)),
+    "distributed.process_id": (-1, None, True, False),
+}
+
+
+def range_text(bounds: tuple[float | None, float | None, bool, bool]) -> str:
+    """``>= 1``, ``> 0``, ``in [0, 0.5)``, ...: the allowed range in words."""
+    low, high, low_in, high_in = bounds
+    if high is None:
+        return f"{'>=' if low_in else '>'} {low}"
+    return f"in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+
+
+def _in_range(value: float, bounds: tuple[float | None, float | None, bool, bool]) -> bool:
+    low, high, low_in, high_in = bounds
+    above = low is None or (value >= low if low_in else value > low)
+    below = high is None or (value <= high if high_in else value < high)
+    return above and below
+
+
+def config_comments() -> dict[str, str]:
+    """``{"a.b": comment}``: the comment beside each field's default in ``base_config`` (and in
+    the mesh and distributed sections of ``jaxalign.parallel``)."""
+    import inspect
+    import re
+
+    from jaxalign.parallel import distributed, mesh
+
+    out = {}
+    for match in re.finditer(r"^\s*c\.([\w.]+) = .*?  # (.*)$", inspect.getsource(base_config), re.M):
+        out[match[1]] = match[2]
+    for section, fn in (("mesh", mesh.mesh_config), ("distributed", distributed.distributed_config)):
+        for match in re.finditer(r'^\s*"(\w+)": .*?,  # (.*)$', inspect.getsource(fn), re.M):
+            out[f"{section}.{match[1]}"] = match[2]
+    return out
+
+
+def describe(config: ml_collections.ConfigDict) -> str:
+    """Every field of ``config`` as ``key = value  # comment``, one a line, in order."""
+    comments = config_comments()
+    return "\n".join(f"{key} = {value!r}" + (f"  # {comments[key]}" if key in comments else "")
+                     for key, value in flatten(config).items())
 
 
 def flatten(config: Mapping[str, Any] | ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
@@ -268,12 +329,15 @@ def _iter_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
         yield f"{len(missing)} config key(s) missing ({shown}): recipes must start from base_config()"
         return
     get = values.get
-    for name in _POSITIVE:
-        if isinstance(get(name), (int, float)) and get(name) < 1:
-            yield f"config key {name!r} must be >= 1, got {get(name)!r}"
-    for name in _NON_NEGATIVE:
-        if isinstance(get(name), (int, float)) and get(name) < 0:
-            yield f"config key {name!r} must be >= 0, got {get(name)!r}"
+    for name, bounds in RANGES.items():
+        value = get(name)
+        if isinstance(value, (int, float)) and not _in_range(value, bounds):
+            yield f"config key {name!r} must be {range_text(bounds)}, got {value!r}"
+    try:
+        mesh_config_dict({axis: get(f"mesh.{axis}") for axis in parallel.MESH_AXES})
+    except ValueError as e:  # "mesh config: mesh.data must be ...": the key first
+        name, rest = str(e).removeprefix("mesh config: ").split(" ", 1)
+        yield f"config key {name!r} {rest}"
     batch, micro = get("data.batch_size"), get("data.micro_batch_size")
     if isinstance(batch, int) and isinstance(micro, int) and micro > 0 and batch % micro:
         yield (
@@ -287,12 +351,6 @@ def _iter_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
             f"config key 'data.max_prompt_length' = {get('data.max_prompt_length')} must be "
             f"smaller than 'data.max_length' = {get('data.max_length')}"
         )
-    eps = get("loss.epsilon")
-    if isinstance(eps, float) and not 0.0 <= eps < 0.5:
-        yield f"config key 'loss.epsilon' must lie in [0, 0.5), got {eps}"
-    ls = get("loss.label_smoothing")
-    if isinstance(ls, float) and not 0.0 <= ls < 0.5:
-        yield f"config key 'loss.label_smoothing' must lie in [0, 0.5), got {ls}"
     nan_steps = get("debug.nan_at_steps")
     if isinstance(nan_steps, (list, tuple)) and not all(
         isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in nan_steps

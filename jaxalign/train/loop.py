@@ -7,9 +7,10 @@
    ``RESUMABLE_KEYS`` (e.g. ``steps``, to train longer), else ``RunError`` names the keys;
    the state and the data loader's position are restored from the latest checkpoint;
 2. each optimizer step takes ``A = batch_size / micro_batch_size`` micro-batches from the
-   loader (padded to one length and stacked) and runs the jitted step. Device metrics are
-   kept on the device and fetched only every ``log_every`` steps (their mean over the
-   window is logged), so the host never waits for the device between log steps;
+   loader (padded to one shape and stacked) and runs the jitted step through the step runner
+   (``jaxalign.train.runner``). Device metrics are kept on the device and fetched only every
+   ``log_every`` steps (their mean over the window is logged), so the host never waits for
+   the device between log steps;
 3. every ``eval_every`` steps (and at the start and the end) the held-out pairs are scored;
 4. every ``checkpoint_every`` steps and at the end the state is saved (asynchronously) with
    the loader position; with ``checkpoint.keep_best`` the checkpoint steps are evaluated so
@@ -31,8 +32,10 @@ one is restored (``RunCheckpoints.restore_latest``), onto the current mesh.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -43,19 +46,20 @@ import numpy as np
 from flax import nnx
 
 from jaxalign import models, parallel
+from jaxalign.data.batching import stack_micro_batches
+from jaxalign.runtime.compilation_cache import CompilationCacheError, compilation_cache
+from jaxalign.runtime.preemption import StopSignals
+from jaxalign.runtime.profiling import PROFILE_DIR, StepTrace
 from jaxalign.train.checkpoint import CheckpointError, RunCheckpoints, abstract_like
-from jaxalign.train.compilation_cache import compilation_cache
-from jaxalign.train.config import config_diff, flatten, validate
-from jaxalign.train.metrics import MetricsLog, Progress, mean_metrics
-from jaxalign.train.preemption import StopAgreement, StopSignals
-from jaxalign.train.profiling import PROFILE_DIR, StepTrace
+from jaxalign.train.config import ConfigError, config_diff, flatten, validate
+from jaxalign.train.metrics import MetricsLog, Progress
 from jaxalign.train.run import Run, RunError, prepare
-from jaxalign.train.step import stack_micro_batches
-from jaxalign.train.utilisation import flop_rates, peak_memory
+from jaxalign.train.runner import SHOWN_EVAL, Cadence, Outcome, StepRunner
 
 __all__ = ["RESUMABLE_KEYS", "STATUSES", "RunError", "RunResult", "evaluate", "train"]
 
-# Config keys that may change when a run is resumed: the length of the run, logging cadence,
+# Config keys that may change when a run is resumed: the length of the run (with a schedule
+# that does not depend on it: see ``_check_resume``), logging cadence,
 # where it runs (mesh, multi-host start-up; the checkpoint is restored onto the new mesh), the
 # non-finite guard's patience, the reference cache's batch, the compilation cache, malloc's
 # huge pages, the MFU's peak and profiling (none of them changes a trained number).
@@ -69,10 +73,8 @@ RESUMABLE_KEYS = (
 CONFIG_FILE = "config.json"
 # How an invocation of ``train`` ended: all steps done; ``stop_at_step`` reached; a signal
 # (checkpoint saved, rerun to resume); too many consecutive non-finite steps (checkpoint = last
-# good state).
+# good state), or the last step reached with no step applied or a non-finite final eval.
 STATUSES = ("finished", "stopped", "interrupted", "nonfinite")
-# Metrics that are counters: logged with their last value in the window, not the mean.
-COUNTER_METRICS = ("nonfinite_steps", "consecutive_nonfinite")
 
 
 @dataclasses.dataclass
@@ -89,23 +91,25 @@ class RunResult:
     eval_metrics: dict[str, float]
     is_main_process: bool
     status: str = "finished"  # one of STATUSES
-    message: str = ""  # why an interrupted / nonfinite run stopped, and what to do
+    message: str = ""  # why an interrupted / nonfinite run stopped (or trained nothing usable), and what to do
 
     def summary(self) -> str:
         lines = [f"run directory: {self.workdir} (step {self.step})"]
-        if self.resumed_from is not None:
+        if self.resumed_from is not None and self.resumed_from == self.step:
+            lines.append(f"already at step {self.step}: nothing left to train (raise --config.steps to train longer)")
+        elif self.resumed_from is not None:
             lines.append(f"resumed from step {self.resumed_from}")
-        lines.append(f"metrics:       {self.metrics_file} (TensorBoard: {os.path.join(self.workdir, 'tensorboard')})")
+        tensorboard = os.path.join(self.workdir, "tensorboard")
+        lines.append(f"metrics:       {self.metrics_file}")
+        lines.append(f"TensorBoard:   {tensorboard} (view: pip install tensorboard; tensorboard --logdir {tensorboard})")
         lines.append(f"checkpoints:   {self.checkpoint_dir}")
         if self.export_dir:
             lines.append(f"export (HF):   {self.export_dir}")
         if self.eval_metrics:
-            shown = {k: round(v, 4) for k, v in self.eval_metrics.items() if k in _SHOWN}
-            lines.append(f"final eval:    {shown}")
+            shown = {k: round(v, 4) for k, v in self.eval_metrics.items() if k in SHOWN_EVAL}
+            label = "final eval:   " if self.status == "finished" else "last eval:    "
+            lines.append(f"{label} {shown}")
         return "\n".join(lines)
-
-
-_SHOWN = ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/sft/nll")
 
 
 def _step_batches(run: Run) -> Iterator[dict[str, np.ndarray]]:
@@ -138,7 +142,7 @@ def evaluate(run: Run, params: Any) -> dict[str, float]:
     for i, batch in enumerate(loader):
         if run.config.eval.max_batches and i >= run.config.eval.max_batches:
             break
-        metrics = run.eval_step(params, run.device_batch(batch, stacked=False), run.reference_params)
+        metrics = run.eval_step(params, run.place_eval(batch, stacked=False), run.reference_params)
         if pending is not None:
             add(pending)
         pending = metrics
@@ -150,17 +154,29 @@ def evaluate(run: Run, params: Any) -> dict[str, float]:
 
 
 def _check_resume(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """``RunError`` unless ``config`` may resume the run saved in ``workdir``: equal to its
+    config but for ``RESUMABLE_KEYS``, and a changed length only with a constant schedule."""
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         raise RunError(f"{workdir} holds checkpoints but no {CONFIG_FILE}; cannot check that the config matches")
     with open(path, encoding="utf-8") as f:
         saved = flatten(json.load(f))
-    differing = config_diff(saved, flatten(config), ignore=RESUMABLE_KEYS)
+    current = flatten(config)
+    differing = config_diff(saved, current, ignore=RESUMABLE_KEYS)
     if differing:
-        lines = [f"  {k}: saved {saved.get(k, '<absent>')!r}, now {flatten(config).get(k, '<absent>')!r}" for k in differing]
+        lines = [f"  {k}: saved {saved.get(k, '<absent>')!r}, now {current.get(k, '<absent>')!r}" for k in differing]
         raise RunError(
             f"{workdir} holds a run with a different config; these keys differ:\n" + "\n".join(lines)
             + f"\n(only {', '.join(RESUMABLE_KEYS)} may change on resume; use another --workdir for a new run)"
+        )
+    length = [k for k in ("steps", "epochs") if saved.get(k) != current[k]]
+    if length and config.optimizer.schedule != "constant":
+        changes = ", ".join(f"{k} from {saved.get(k)!r} to {current[k]!r}" for k in length)
+        raise RunError(
+            f"{workdir}: {changes}, but optimizer.schedule = {config.optimizer.schedule!r} was laid out over the "
+            "run's original length: the learning rate would jump. To train longer, start a new run from this "
+            f"one's export (--config.model.path={os.path.join(workdir, 'export')} --workdir NEW_DIR), or use "
+            "optimizer.schedule=constant, whose runs may be extended"
         )
 
 
@@ -214,29 +230,21 @@ def _restore(checkpoints: RunCheckpoints, run: Run, workdir: str) -> tuple[Any, 
     return state, restored.step
 
 
-def _interrupted_message(step: int, received: str | None, path: str) -> str:
-    cause = received or "a signal to another process"
-    return f"interrupted by {cause} after step {step}: checkpoint saved at {path}; rerun the same command to resume"
-
-
-def _nonfinite_message(step: int, consecutive: int, limit: int, path: str) -> str:
-    first, last_good = step - consecutive, step - 1 - consecutive
-    return (
-        f"stopped: {consecutive} consecutive steps ({first}..{step - 1}) had a non-finite loss or gradients and were "
-        f"skipped (max_consecutive_nonfinite={limit}; step {step} was not applied either). The checkpoint at step "
-        f"{step} ({path}) holds the parameters of step {last_good}, the last good one. Lower the learning rate or "
-        "inspect those batches; rerunning the command resumes from it."
-    )
-
-
-def _show(progress: Progress, train_metrics: dict[str, float], eval_metrics: dict[str, float]) -> None:
-    """The progress bar's postfix: the last logged loss and tokens/s, and the shown eval metrics."""
-    progress.show({
-        "loss": train_metrics.get("loss", float("nan")),
-        "tokens/s": train_metrics.get("tokens_per_second", float("nan")),
-        **({"mfu": train_metrics["mfu"]} if "mfu" in train_metrics else {}),
-        **{k: v for k, v in eval_metrics.items() if k in _SHOWN},
-    })
+def _unusable_result(outcome: Outcome) -> str:
+    """Why a run that reached its last step trained nothing usable ("" when it did): no step
+    was ever applied (every one non-finite), or the final eval is not finite."""
+    state = outcome.state
+    applied = int(jax.device_get(state.step)) - int(jax.device_get(state.nonfinite_steps))
+    if applied == 0:
+        return (f"no step was applied: all {outcome.step} steps had a non-finite loss or gradients and were "
+                "skipped, so the parameters are the initial ones (nothing exported). Check that the sequences fit "
+                "the model, lower the learning rate, or inspect the data")
+    bad = sorted(k for k, v in outcome.eval_metrics.items() if not math.isfinite(v))
+    if bad:
+        return (f"the final eval is not finite ({', '.join(f'{k} = {outcome.eval_metrics[k]}' for k in bad)}): "
+                "the trained parameters are not usable (nothing exported). Lower the learning rate or inspect "
+                "the data")
+    return ""
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None) -> RunResult:
@@ -253,7 +261,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
         os.makedirs(workdir, exist_ok=True)
     except OSError as e:
         raise RunError(f"cannot create the run directory {workdir}: {e.strerror or e}") from None
-    with compilation_cache(config.compilation_cache_dir, workdir):
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(compilation_cache(config.compilation_cache_dir, workdir))
+        except CompilationCacheError as e:
+            raise ConfigError(str(e)) from None
         return _train(config, workdir, stop_at_step)
 
 
@@ -278,79 +290,41 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | 
     progress = Progress(run.total_steps, step, enabled=run.is_main and c.progress_bar)
     trace = StepTrace(os.path.join(workdir, PROFILE_DIR), steps=c.profile.steps, skip=c.profile.skip_steps,
                       enabled=run.is_main)
-
+    runner = StepRunner(
+        train_step=run.train_step, place=lambda host: run.place_train(host, stacked=True),
+        cadence=Cadence.from_config(c), mesh=run.mesh, checkpoints=checkpoints, log=log, progress=progress,
+        trace=trace, checkpoint_meta=lambda s: {"loader": run.train_loader.get_state(), "step": s},
+        evaluate=(lambda params: evaluate(run, params)) if run.eval_loader is not None else None,
+        reference_params=run.reference_params, flops_per_token=run.flops_per_token, peak_flops=run.peak_flops,
+    )
     eval_metrics: dict[str, float] = {}
-    train_metrics: dict[str, float] = {}
     if step == 0 and c.eval.at_start and run.eval_loader is not None:
         eval_metrics = evaluate(run, state.params)
         log.write(0, eval_metrics)
-    window: list[dict[str, Any]] = []
-    batches = _step_batches(run)
-    status, message, export_dir = "finished", "", None
-    limit = c.max_consecutive_nonfinite
-    previous: dict[str, Any] | None = None  # the last step's metrics (read one step late by the guard)
+    end = run.total_steps if stop_at_step is None else min(stop_at_step, run.total_steps)
+    export_dir = None
     # Signal handlers stay installed until the checkpoints are closed: a second signal can
     # never cut a save short.
     with StopSignals() as signals:
         try:
-            agreement = StopAgreement(run.mesh)
-            end = run.total_steps if stop_at_step is None else min(stop_at_step, run.total_steps)
-            while step < end:
-                host = next(batches)
-                tokens = float(np.sum(host["segment_ids"] > 0))
-                batch = run.device_batch(host, stacked=True)
-                state, metrics = trace.step(step + 1, run.train_step, state, batch, run.reference_params)
-                step += 1
-                window.append(metrics)
-                progress.update(step, tokens, host["segment_ids"].size)
-                # Stop decisions, identical on every process: a signal (agreed over processes)
-                # or the guard's halt, known from the previous step's counter (never waiting on
-                # the step just launched). A halted step changed nothing but the counters.
-                consecutive = int(jax.device_get(previous["consecutive_nonfinite"])) if previous is not None else 0
-                if agreement.update(signals.received is not None):
-                    status = "interrupted"
-                elif limit and consecutive >= limit:
-                    status = "nonfinite"
-                previous = metrics if limit else None
-                last = step == run.total_steps
-                if step % c.log_every == 0 or last or status != "finished":
-                    train_metrics = mean_metrics(window, last=COUNTER_METRICS)
-                    train_metrics.update(progress.rates(step))
-                    train_metrics.update(flop_rates(train_metrics["tokens_per_second"], run.flops_per_token, run.peak_flops))
-                    train_metrics.update(peak_memory(run.mesh.local_devices))
-                    window = []
-                    log.write(step, train_metrics)
-                    _show(progress, train_metrics, eval_metrics)
-                if status != "finished":  # save synchronously, then leave
-                    checkpoints.save(step, state, {"loader": run.train_loader.get_state(), "step": step})
-                    checkpoints.wait()
-                    path = str(checkpoints.step_path(step))
-                    if status == "interrupted":
-                        message = _interrupted_message(step, signals.received, path)
-                    else:
-                        message = _nonfinite_message(step, consecutive, limit, path)
-                    break
-                checkpoint_due = step == end or (c.checkpoint_every and step % c.checkpoint_every == 0)
-                eval_due = last or (c.eval_every and step % c.eval_every == 0)
-                if run.eval_loader is not None and (eval_due or (checkpoint_due and c.checkpoint.keep_best)):
-                    eval_metrics = evaluate(run, state.params)
-                    log.write(step, eval_metrics)
-                    _show(progress, train_metrics, eval_metrics)
-                if checkpoint_due:
-                    meta = {"loader": run.train_loader.get_state(), "step": step}
-                    checkpoints.save(step, state, meta, eval_metrics if eval_due or c.checkpoint.keep_best else None)
-            checkpoints.wait()
-            if status == "finished" and step < run.total_steps:
+            outcome = runner.run(state, step=step, end=end, total=run.total_steps, batches=_step_batches(run),
+                                 signals=signals, eval_metrics=eval_metrics)
+            status, message = outcome.status, outcome.message
+            if status == "finished" and outcome.step < run.total_steps:
                 status = "stopped"
+            if status == "finished":
+                problem = _unusable_result(outcome)
+                if problem:
+                    status, message = "nonfinite", problem
             if status == "finished" and c.checkpoint.export:
-                export_dir = _export(run, state)
+                export_dir = _export(run, outcome.state)
         finally:
             trace.close()
             progress.close()
             log.close()
             checkpoints.close()
     return RunResult(
-        workdir=workdir, step=step, resumed_from=latest, metrics_file=log.path,
-        checkpoint_dir=checkpoints.directory, export_dir=export_dir, train_metrics=train_metrics,
-        eval_metrics=eval_metrics, is_main_process=run.is_main, status=status, message=message,
+        workdir=workdir, step=outcome.step, resumed_from=latest, metrics_file=log.path,
+        checkpoint_dir=checkpoints.directory, export_dir=export_dir, train_metrics=outcome.train_metrics,
+        eval_metrics=outcome.eval_metrics, is_main_process=run.is_main, status=status, message=message,
     )

@@ -137,6 +137,11 @@ class Progress:
         self._last_time, self._last_step, self._tokens, self._positions = now, step, 0.0, 0.0
         return rates
 
+    def describe(self, text: str) -> None:
+        """The bar's description (e.g. "compiling" while the first step compiles; "" clears it)."""
+        if self._bar is not None:
+            self._bar.set_description_str(text)
+
     def show(self, values: Mapping[str, float]) -> None:
         if self._bar is not None:
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)

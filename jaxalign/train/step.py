@@ -6,11 +6,13 @@ micro-batches): every array is ``[A, ...]`` and each micro-batch ``a`` is a comp
 ``P`` pairs. Per micro-batch the step runs the policy once over all rows (chosen and rejected
 together), turns hidden states into float32 per-token log-probs chunk by chunk, reduces them
 to per-sequence sums over ``sequence_ids``, gets reference log-probs (frozen params in the
-same step under ``stop_gradient``, the batch's precomputed ``ref_*_logps``, or zeros) and
-calls the objective.
+same step under ``stop_gradient``, the batch's precomputed ``ref_*_logps``, or none) and
+calls the objective (``jaxalign.objectives.Objective``: its ``loss_fn`` does the forward it
+needs through a ``jaxalign.scoring.Forward``).
 
-Gradient accumulation (``lax.scan`` over ``A``): with ``w_a`` the number of real pairs (or,
-for token-mean losses, real tokens) of micro-batch ``a`` and ``W = sum_a w_a``,
+Gradient accumulation (``lax.scan`` over ``A``): with ``w_a`` the weight of micro-batch ``a``
+in the objective's ``unit`` (real pairs, or real tokens for token-mean losses) and
+``W = sum_a w_a``,
 
     loss = sum_a (w_a / W) * loss_a,   grads = sum_a (w_a / W) * grad loss_a,
 
@@ -37,98 +39,58 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from flax import nnx
 
-from jaxalign.data.batching import pad_batch
 from jaxalign.losses.reductions import safe_ratio
-from jaxalign.train import forward
+from jaxalign.objectives import STEP_KEYS, Objective, unit_weight
+from jaxalign.scoring.forward import Forward
 from jaxalign.train.guard import guarded_state, inject_nan
-from jaxalign.train.objectives import Objective, reward_loss, real_token_mask, sft_loss
 from jaxalign.train.state import TrainState
 
-__all__ = ["make_eval_step", "make_reference_fn", "make_train_step", "stack_micro_batches"]
+__all__ = ["REFERENCE_MODES", "device_keys", "make_eval_step", "make_train_step", "reference_keys"]
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
-REFERENCE_KEYS = ("ref_chosen_logps", "ref_rejected_logps", "ref_calibration_logps")
+REFERENCE_MODES = ("frozen", "precomputed", "none")
+# The precomputed reference's batch keys, in sequence order (chosen, rejected, calibration).
+_REFERENCE_KEYS = ("ref_chosen_logps", "ref_rejected_logps", "ref_calibration_logps")
 
 
-def stack_micro_batches(batches: list[dict[str, Any]], pad_id: int = 0) -> dict[str, Any]:
-    """Stacks ``A`` micro-batches (same keys) into one ``[A, ...]`` step batch, their token
-    arrays first padded to the largest rows and length among them (``pad_batch``: padded
-    batches differ in length, packed ones in rows; empty positions change no sum)."""
-    keys = batches[0].keys()
-    for i, b in enumerate(batches):
-        if b.keys() != keys:
-            raise ValueError(f"micro-batch {i} has keys {sorted(b)}, expected {sorted(keys)}")
-    rows = max(b["input_ids"].shape[0] for b in batches)
-    length = max(b["input_ids"].shape[1] for b in batches)
-    batches = [pad_batch(b, rows=rows, length=length, pad_id=pad_id) for b in batches]
-    return {k: np.stack([np.asarray(b[k]) for b in batches]) for k in keys}
+def reference_keys(objective: Objective, reference_mode: str) -> tuple[str, ...]:
+    """The batch keys that carry precomputed reference log-probs (none unless precomputed)."""
+    if reference_mode not in REFERENCE_MODES:
+        raise ValueError(f"reference.mode must be one of {', '.join(REFERENCE_MODES)}, got {reference_mode!r}")
+    if not objective.uses_reference or reference_mode != "precomputed":
+        return ()
+    return _REFERENCE_KEYS[: objective.sequences_per_pair]
 
 
-def _num_sequences(objective: Objective, batch: Batch) -> int:
-    return objective.sequences_per_pair * batch["pair_mask"].shape[0]
+def device_keys(objective: Objective, reference_mode: str) -> tuple[str, ...]:
+    """Every batch key the steps read: the step's own, the objective's, the reference's."""
+    return (*STEP_KEYS, *objective.batch_keys, *reference_keys(objective, reference_mode))
 
 
 def _reference_logps(
-    objective: Objective,
-    reference_mode: str,
-    reference_graphdef: nnx.GraphDef | None,
-    reference_params: Any,
-    batch: Batch,
-    chunk: int,
-    row_groups: int,
-) -> jax.Array:
-    """Reference sequence log-probs ``[S]`` for one micro-batch (zeros when unused)."""
-    s = _num_sequences(objective, batch)
-    if objective.kind != "pairwise" or reference_mode == "none":
-        return jnp.zeros((s,), jnp.float32)
+    objective: Objective, reference_mode: str, reference: Forward | None, reference_params: Any, batch: Batch
+) -> jax.Array | None:
+    """Reference sequence log-probs ``[S]`` of one micro-batch; None when the objective has none."""
+    if not objective.uses_reference:
+        return None
     if reference_mode == "frozen":
-        _, sums, _ = forward.sequence_logps(reference_graphdef, reference_params, batch, num_sequences=s, chunk=chunk,
-                                            row_groups=row_groups)
+        _, sums, _ = reference.sequence_logps(reference_params, batch, objective.num_sequences(batch))
         return jax.lax.stop_gradient(sums)
-    if reference_mode == "precomputed":
-        parts = [batch[k] for k in REFERENCE_KEYS[: objective.sequences_per_pair]]
-        return jnp.concatenate(parts).astype(jnp.float32)
-    raise ValueError(f"reference.mode must be frozen, precomputed or none, got {reference_mode!r}")
+    return jnp.concatenate([batch[k] for k in reference_keys(objective, reference_mode)]).astype(jnp.float32)
 
 
-def _micro_loss(
-    objective: Objective, graphdef: nnx.GraphDef, chunk: int, row_groups: int
-) -> Callable[[Any, jax.Array, Batch], tuple[jax.Array, tuple[Metrics, jax.Array]]]:
+def _micro_loss(objective: Objective, forward: Forward) -> Callable[..., tuple[jax.Array, tuple[Metrics, jax.Array]]]:
     """``(params, reference_sums, batch) -> (loss, (metrics, weight))`` for one micro-batch."""
 
-    def loss_fn(params: Any, reference: jax.Array, batch: Batch):
-        s = _num_sequences(objective, batch)
-        pair_mask = batch["pair_mask"].astype(jnp.float32)
-        if objective.kind == "pairwise":
-            _, sums, counts = forward.sequence_logps(graphdef, params["model"], batch, num_sequences=s, chunk=chunk,
-                                                     row_groups=row_groups)
-            loss, metrics = objective.pairwise_fn(sums, counts, reference, pair_mask)
-            weight = jnp.sum(pair_mask)
-        elif objective.kind == "sft":
-            tokens = forward.token_logps(graphdef, params["model"], batch, chunk=chunk, row_groups=row_groups)
-            mask = real_token_mask(batch)
-            loss, metrics = sft_loss(tokens, mask)
-            weight = jnp.sum(mask)
-        else:
-            rewards = forward.sequence_rewards(graphdef, params["model"], params["head"], batch, num_sequences=s)
-            loss, metrics = reward_loss(objective, rewards, pair_mask)
-            weight = jnp.sum(pair_mask)
-        return loss, (metrics, weight)
+    def loss_fn(params: Any, reference: jax.Array | None, batch: Batch):
+        loss, metrics = objective.loss_fn(forward, params, batch, reference)
+        return loss, (metrics, objective.weight(batch))
 
     return loss_fn
-
-
-def _global_weight(objective: Objective, batch: Batch) -> jax.Array:
-    """``W``: real pairs (or real tokens for token-mean losses) of the whole ``[A, ...]`` batch."""
-    if objective.unit == "tokens":
-        return jnp.sum(jax.vmap(real_token_mask)(batch))
-    return jnp.sum(batch["pair_mask"].astype(jnp.float32))
 
 
 def _combine(values: jax.Array, shares: jax.Array) -> jax.Array:
@@ -137,14 +99,12 @@ def _combine(values: jax.Array, shares: jax.Array) -> jax.Array:
 
 def make_train_step(
     *,
-    graphdef: nnx.GraphDef,
+    forward: Forward,
     objective: Objective,
     optimizer: optax.GradientTransformation,
     schedule: optax.Schedule,
     reference_mode: str = "frozen",
-    reference_graphdef: nnx.GraphDef | None = None,
-    logits_chunk: int = 0,
-    row_groups: int = 1,
+    reference: Forward | None = None,
     donate: bool = True,
     state_shardings: Any = None,
     batch_sharding: Any = None,
@@ -153,28 +113,25 @@ def make_train_step(
 ) -> Callable[..., tuple[TrainState, Metrics]]:
     """The jitted step ``(state, batch, reference_params=None) -> (state, metrics)``.
 
-    ``reference_params`` are the frozen reference's parameters (``reference.mode="frozen"``;
-    ``reference_graphdef`` defaults to the policy's). With ``donate`` the input state's
-    buffers are reused for the output (do not use the old state afterwards). Optional
-    ``state_shardings`` (a pytree of shardings matching the state) and ``batch_sharding``
-    pin the layouts; otherwise they follow the inputs. ``max_consecutive_nonfinite`` halts
-    the guard (0 = never); ``nan_at_steps`` is the NaN-injection TEST HOOK (``inject_nan``).
-    ``logits_chunk`` and ``row_groups`` (the devices that split a batch's rows) lay out the LM
-    head (``forward.token_logps``).
+    ``forward``: the policy's forward passes (graph and LM-head layout). ``reference_params``
+    are the frozen reference's parameters (``reference_mode="frozen"``; ``reference`` defaults
+    to ``forward``: same architecture). With ``donate`` the input state's buffers are reused
+    for the output (do not use the old state afterwards). Optional ``state_shardings`` (a
+    pytree of shardings matching the state) and ``batch_sharding`` pin the layouts; otherwise
+    they follow the inputs. ``max_consecutive_nonfinite`` halts the guard (0 = never);
+    ``nan_at_steps`` is the NaN-injection TEST HOOK (``inject_nan``).
     """
-    reference_graphdef = graphdef if reference_graphdef is None else reference_graphdef
-    loss_fn = _micro_loss(objective, graphdef, logits_chunk, row_groups)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    reference_keys(objective, reference_mode)  # checks the mode
+    reference = forward if reference is None else reference
+    grad_fn = jax.value_and_grad(_micro_loss(objective, forward), has_aux=True)
 
     def step(state: TrainState, batch: Batch, reference_params: Any = None) -> tuple[TrainState, Metrics]:
-        total = _global_weight(objective, batch)
+        total = objective.weight(batch)
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
 
         def body(grads: Any, micro: Batch):
-            reference = _reference_logps(
-                objective, reference_mode, reference_graphdef, reference_params, micro, logits_chunk, row_groups
-            )
-            (loss, (metrics, weight)), g = grad_fn(state.params, reference, micro)
+            ref = _reference_logps(objective, reference_mode, reference, reference_params, micro)
+            (loss, (metrics, weight)), g = grad_fn(state.params, ref, micro)
             share = safe_ratio(weight, total)
             grads = jax.tree.map(lambda acc, x: acc + share * x.astype(jnp.float32), grads, g)
             return grads, (loss, metrics, share)
@@ -198,7 +155,7 @@ def make_train_step(
             grad_norm=grad_norm,
             learning_rate=jnp.asarray(schedule(state.step - state.nonfinite_steps), jnp.float32),
             num_pairs=jnp.sum(batch["pair_mask"].astype(jnp.float32)),
-            num_tokens=jnp.sum(jax.vmap(real_token_mask)(batch)),
+            num_tokens=unit_weight("tokens", batch),
             finite=finite.astype(jnp.float32),
             nonfinite_steps=new_state.nonfinite_steps.astype(jnp.float32),
             consecutive_nonfinite=new_state.consecutive_nonfinite.astype(jnp.float32),
@@ -214,44 +171,24 @@ def make_train_step(
 
 def make_eval_step(
     *,
-    graphdef: nnx.GraphDef,
+    forward: Forward,
     objective: Objective,
     reference_mode: str = "frozen",
-    reference_graphdef: nnx.GraphDef | None = None,
-    logits_chunk: int = 0,
-    row_groups: int = 1,
+    reference: Forward | None = None,
 ) -> Callable[..., Metrics]:
     """The jitted ``(params, batch, reference_params=None) -> metrics`` on one plain batch.
 
-    Metrics are the objective's and ``loss``, as weighted means over the batch's real pairs
-    (tokens for SFT), plus ``weight`` (that count) so that the caller can average over
+    Metrics are the objective's and ``loss``, as weighted means over the batch's units (real
+    pairs, or tokens), plus ``weight`` (that count) so that the caller can average over
     batches: ``sum_b weight_b * m_b / sum_b weight_b``.
     """
-    reference_graphdef = graphdef if reference_graphdef is None else reference_graphdef
-    loss_fn = _micro_loss(objective, graphdef, logits_chunk, row_groups)
+    reference_keys(objective, reference_mode)
+    reference = forward if reference is None else reference
+    loss_fn = _micro_loss(objective, forward)
 
     def evaluate(params: Any, batch: Batch, reference_params: Any = None) -> Metrics:
-        reference = _reference_logps(objective, reference_mode, reference_graphdef, reference_params, batch,
-                                     logits_chunk, row_groups)
-        loss, (metrics, weight) = loss_fn(params, reference, batch)
+        ref = _reference_logps(objective, reference_mode, reference, reference_params, batch)
+        loss, (metrics, weight) = loss_fn(params, ref, batch)
         return {**metrics, "loss": loss, "weight": weight}
 
     return jax.jit(evaluate)
-
-
-def make_reference_fn(
-    *, graphdef: nnx.GraphDef, sequences_per_pair: int = 2, logits_chunk: int = 0, row_groups: int = 1
-) -> Callable[[Any, Batch], jax.Array]:
-    """The jitted ``(params, batch) -> sequence log-prob sums [sequences_per_pair * P]``.
-
-    The same forward the train step runs for a frozen reference; used to precompute the
-    reference log-prob cache.
-    """
-
-    def reference(params: Any, batch: Batch) -> jax.Array:
-        s = sequences_per_pair * batch["pair_mask"].shape[0]
-        _, sums, _ = forward.sequence_logps(graphdef, params, batch, num_sequences=s, chunk=logits_chunk,
-                                            row_groups=row_groups)
-        return sums
-
-    return jax.jit(reference)

@@ -4,7 +4,7 @@ the commands docs/performance.md gives parse."""
 from pathlib import Path
 
 from jaxalign.bench.main import _workers, parse_args
-from jaxalign.train import huge_pages
+from jaxalign.runtime import huge_pages
 
 NAMES = ["jaxalign/+bfloat16", "jaxalign/-huge-pages", "jaxalign/+packing", "trl/default", "trl/default+huge-pages"]
 

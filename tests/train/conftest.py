@@ -16,8 +16,8 @@ from jax.experimental.compilation_cache import compilation_cache
 
 from jaxalign.train.config import base_config
 from jaxalign.train.metrics import HARDWARE_METRICS, read_metrics
-from jaxalign.train.synthetic import synthetic_records
-from jaxalign.train.tiny import ensure_tiny_model
+from jaxalign.data.synthetic import synthetic_records
+from jaxalign.models.tiny import write_tiny_checkpoint
 
 NUM_RECORDS = 48
 _CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
@@ -42,14 +42,9 @@ def persistent_compilation_cache(_compile_cache_dir):
     compilation_cache.reset_cache()
 
 
-def tiny_spec():
-    spec = base_config().model.tiny
-    spec.hidden_size = 32
-    spec.intermediate_size = 64
-    spec.num_heads = 4
-    spec.num_kv_heads = 2
-    spec.num_layers = 1
-    return spec
+# The tiny model of these tests: hidden 32, one layer, GQA, a BPE trained on the synthetic task.
+TINY = dict(family="llama", hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2, num_layers=1,
+            max_position=128)
 
 
 def corpus(records):
@@ -73,7 +68,7 @@ def data_file(tmp_path_factory, records):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, records):
     path = tmp_path_factory.mktemp("models") / "tiny"
-    ensure_tiny_model(path, tiny_spec(), max_position=128, seed=0, corpus=corpus(records))
+    write_tiny_checkpoint(path, seed=0, corpus=corpus(records), **TINY)
     return str(path)
 
 
@@ -82,7 +77,7 @@ def reference_model_dir(tmp_path_factory, records):
     """A second tiny model (same tokenizer and shapes, other weights): a reference that differs
     from the policy, so that rewards and margins are not all 0."""
     path = tmp_path_factory.mktemp("models") / "reference"
-    ensure_tiny_model(path, tiny_spec(), max_position=128, seed=5, corpus=corpus(records))
+    write_tiny_checkpoint(path, seed=5, corpus=corpus(records), **TINY)
     return str(path)
 
 

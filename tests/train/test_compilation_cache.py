@@ -10,7 +10,7 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
 from jaxalign.train.cli import main
-from jaxalign.train.compilation_cache import CACHE_SUBDIR, resolve_cache_dir
+from jaxalign.runtime.compilation_cache import CACHE_SUBDIR, resolve_cache_dir
 from jaxalign.train.config import ConfigError
 from jaxalign.train.loop import RunError, train
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import re
 
 import ml_collections
@@ -79,11 +80,17 @@ def test_wrong_types_are_named():
     [
         ({"data.batch_size": 8, "data.micro_batch_size": 3}, "must be a multiple of 'data.micro_batch_size' = 3"),
         ({"data.max_prompt_length": 512, "data.max_length": 512}, "must be smaller than 'data.max_length'"),
-        ({"loss.epsilon": 0.5}, "'loss.epsilon' must lie in [0, 0.5)"),
-        ({"loss.label_smoothing": -0.1}, "'loss.label_smoothing' must lie in [0, 0.5)"),
+        ({"loss.epsilon": 0.5}, "'loss.epsilon' must be in [0, 0.5), got 0.5"),
+        ({"loss.label_smoothing": -0.1}, "'loss.label_smoothing' must be in [0, 0.5)"),
         ({"steps": 0, "epochs": 0.0}, "'steps' and 'epochs' are both 0"),
         ({"data.batch_size": 0}, "'data.batch_size' must be >= 1"),
-        ({"optimizer.learning_rate": -1.0}, "'optimizer.learning_rate' must be >= 0"),
+        ({"optimizer.learning_rate": 0.0}, "'optimizer.learning_rate' must be > 0, got 0.0"),
+        ({"loss.beta": -1.0}, "'loss.beta' must be > 0, got -1.0"),
+        ({"loss.beta": 0.0}, "'loss.beta' must be > 0, got 0.0"),
+        ({"loss.vpo_alpha": -1.0}, "'loss.vpo_alpha' must be >= 0, got -1.0"),
+        ({"optimizer.b2": 1.0}, "'optimizer.b2' must be in [0, 1), got 1.0"),
+        ({"optimizer.end_factor": 1.5}, "'optimizer.end_factor' must be in [0, 1], got 1.5"),
+        ({"mesh.fsdp": 0}, "'mesh.fsdp' must be >= 1 or -1"),
         ({"model.path": ""}, "'model.path' is empty"),
         ({"max_consecutive_nonfinite": -1}, "'max_consecutive_nonfinite' must be >= 0"),
         ({"debug.nan_at_steps": (2, 0)}, "'debug.nan_at_steps' must hold optimizer steps (ints >= 1), got (2, 0)"),
@@ -109,3 +116,27 @@ def test_config_diff_names_changed_keys():
     b["steps"] = 5
     assert config_diff(a, b) == ["loss.beta", "steps"]
     assert config_diff(a, b, ignore=("steps",)) == ["loss.beta"]
+
+
+def test_every_range_problem_is_its_own_line_and_nothing_loads():
+    """Several bad values: one message each, all at once (validate reads no file)."""
+    c = valid()
+    c.loss.beta, c.loss.vpo_alpha, c.optimizer.warmup_steps, c.checkpoint.keep = -1.0, -1.0, -3, 0
+    lines = problems(c).splitlines()[1:]
+    assert len(lines) == 4, lines
+    for key in ("loss.beta", "loss.vpo_alpha", "optimizer.warmup_steps", "checkpoint.keep"):
+        assert sum(f"'{key}'" in line for line in lines) == 1, key
+
+
+def test_docs_configuration_lists_every_check():
+    """docs/configuration.md's tables name every ranged key with its range and every closed set."""
+    from jaxalign.train.config import ALLOWED, RANGES, range_text
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    rows = open(os.path.join(root, "docs", "configuration.md"), encoding="utf-8").read().splitlines()
+    for key, bounds in RANGES.items():
+        row = [r for r in rows if r.startswith(f"| `{range_text(bounds)}` |")]
+        assert row and f"`{key}`" in row[0], key
+    for key, values in ALLOWED.items():
+        row = [r for r in rows if r.startswith(f"| `{key}` |")]
+        assert row and row[0].split("|")[2].strip() == ", ".join(values), key

@@ -11,7 +11,7 @@ from jaxalign.data import packed_batch, plan_pack
 from jaxalign.data.encoding import EncodedPair, EncodedSequence
 from jaxalign.models import make_model
 from jaxalign.models.tiny import tiny_config
-from jaxalign.train import forward
+from jaxalign.scoring import forward
 
 VOCAB = 40
 

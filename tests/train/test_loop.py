@@ -90,7 +90,7 @@ def test_resume_matches_uninterrupted_run(make_config, tmp_path, metrics_by_step
     assert set(checkpoints.all_steps()) == {best, 7}
     checkpoints.close()
 
-    # a different config is refused, naming the key; a longer run (steps) is allowed
+    # a different config is refused, naming the key; so is a longer run whose cosine schedule would jump
     changed = make_config(**{
         "steps": 7, "eval_every": 3, "checkpoint_every": 2, "data.batch_size": 8, "data.micro_batch_size": 4,
         "optimizer.warmup_steps": 2, "optimizer.schedule": "cosine", "checkpoint.keep": 1,
@@ -103,7 +103,8 @@ def test_resume_matches_uninterrupted_run(make_config, tmp_path, metrics_by_step
         "optimizer.warmup_steps": 2, "optimizer.schedule": "cosine", "checkpoint.keep": 1,
         "checkpoint.keep_best": "eval/loss", "checkpoint.export": False,
     })
-    assert train(longer, tmp_path / "part").step == 8
+    with pytest.raises(RunError, match=r"steps from 7 to 8, but optimizer.schedule = 'cosine' was laid out over"):
+        train(longer, tmp_path / "part")
 
 
 def test_cli_rejects_unknown_and_mistyped_keys(tmp_path, capsys):

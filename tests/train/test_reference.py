@@ -10,7 +10,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from jaxalign.train.loop import train
-from jaxalign.train.reference import ReferenceCache
+from jaxalign.caches.reference import ReferenceCache
+from jaxalign.caches.store import ArrayStore
 from jaxalign.train.run import prepare
 
 
@@ -102,8 +103,7 @@ def test_vpo_reference_samples_frozen_equals_precomputed(make_config, reference_
     assert len(samples) == 1  # one sample per training prompt
     pre = train(make_config(**overrides, **{"reference.mode": "precomputed"}), tmp_path / "pre")
     assert sorted(f for f in os.listdir(cache_dir) if f.startswith("calibration-")) == samples  # reused
-    with np.load(os.path.join(cache_dir, samples[0])) as f:
-        lengths = np.diff(f["offsets"])
+    lengths = np.diff(ArrayStore(os.path.join(cache_dir, samples[0])).read()["offsets"])
     assert lengths.min() >= 1 and lengths.max() <= 8
     a, b = metrics_by_step(tmp_path / "frozen"), metrics_by_step(tmp_path / "pre")
     assert abs(a[1]["vpo/regularizer"]) > 0  # the calibration term is live

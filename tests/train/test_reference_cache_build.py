@@ -15,9 +15,9 @@ from flax import nnx
 
 from jaxalign import models
 from jaxalign.data.loader import Loader
-from jaxalign.train.reference import CoverageError, ReferenceCache, check_coverage
-from jaxalign.train.run import RunError, _cache_loader, prepare
-from jaxalign.train.step import make_reference_fn
+from jaxalign.caches.reference import CoverageError, ReferenceCache, cache_loader, check_coverage
+from jaxalign.scoring.forward import Forward, sequence_logps_fn
+from jaxalign.train.run import RunError, prepare
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def reference_fn(reference_model_dir):
     """``loader -> {example_index: (chosen, rejected)}``: the frozen reference forward that the
     train step runs, over one epoch of the loader's own batches, on one device."""
     graphdef, params = nnx.split(models.from_pretrained(reference_model_dir), nnx.Param)
-    fn = make_reference_fn(graphdef=graphdef)
+    fn = sequence_logps_fn(Forward(graphdef))
 
     def in_step(loader: Loader) -> dict[int, tuple[float, float]]:
         out: dict[int, tuple[float, float]] = {}
@@ -110,7 +110,7 @@ def test_cache_pass_covers_every_example_once_over_shards(make_config, tiny_mode
     counts = set()
     for shard in range(2):
         train = build_loaders_from_config(config, tokenizer, shard_index=shard, shard_count=2, row_multiple=2).train
-        passes = _cache_loader(train, 16)
+        passes = cache_loader(train, 16)
         counts.add(passes.batches_in_epoch(0))
         for batch in passes:
             assert batch["pair_mask"].shape == (8,)
@@ -142,10 +142,10 @@ def test_cache_loader_sorts_padded_examples_and_keeps_packed_order(make_config, 
     tokenizer = load_tokenizer(tiny_model_dir)
     padded = build_loaders_from_config(make_config(**{"data.eval_pairs": 0}), tokenizer, shard_index=0,
                                        shard_count=1).train
-    lengths = [max(len(s) for s in e.sequences) for e in _cache_loader(padded, 16).examples]
+    lengths = [max(len(s) for s in e.sequences) for e in cache_loader(padded, 16).examples]
     assert lengths == sorted(lengths) and lengths != [max(len(s) for s in e.sequences) for e in padded.examples]
     packed = build_loaders_from_config(make_config(**{"data.eval_pairs": 0, "data.packing": True}), tokenizer,
                                        shard_index=0, shard_count=1, row_multiple=3).train
-    loader = _cache_loader(packed, 16)
+    loader = cache_loader(packed, 16)
     assert loader.packing and loader.pack_length == packed.pack_length and loader.pack_rows % 3 == 0
     assert loader.pack_rows > packed.pack_rows  # rows for 16 pairs, not the train loader's 4

@@ -15,11 +15,12 @@ from jaxalign.data.pipeline import build_loader
 from jaxalign.models import from_pretrained
 from jaxalign.tokenizers import load_tokenizer
 from jaxalign.train.config import base_config
-from jaxalign.train.forward import init_reward_head
-from jaxalign.train.objectives import make_objective
+from jaxalign.data.batching import stack_micro_batches
+from jaxalign.objectives import from_config
+from jaxalign.scoring.forward import Forward
 from jaxalign.train.optimizer import make_optimizer
 from jaxalign.train.state import init_state
-from jaxalign.train.step import make_eval_step, make_train_step, stack_micro_batches
+from jaxalign.train.step import make_eval_step, make_train_step
 
 DEVICE_KEYS = ("input_ids", "positions", "segment_ids", "loss_mask", "sequence_ids", "pair_mask")
 
@@ -33,7 +34,7 @@ def tokenizer(tiny_model_dir):
 def model_parts(tiny_model_dir):
     model = from_pretrained(tiny_model_dir)
     graphdef, params = nnx.split(model, nnx.Param)
-    return graphdef, params, model.config.hidden_size
+    return graphdef, params, model.config
 
 
 def batches(rows, tokenizer, tmp_path, *, batch_size: int, packing=False):
@@ -50,7 +51,7 @@ def batches(rows, tokenizer, tmp_path, *, batch_size: int, packing=False):
 
 def sgd_step(model_parts, loss_name: str, micro_batches, *, reference_mode="frozen", ref_params=None, head=False):
     """One SGD(lr=1, no clipping) step; returns (metrics, grads) with grads = params - new params."""
-    graphdef, params, hidden_size = model_parts
+    graphdef, params, model_config = model_parts
     c = base_config()
     c.loss.name = loss_name
     c.optimizer.name = "sgd"
@@ -58,14 +59,14 @@ def sgd_step(model_parts, loss_name: str, micro_batches, *, reference_mode="froz
     c.optimizer.schedule = "constant"
     c.optimizer.max_grad_norm = 0.0
     optimizer, schedule = make_optimizer(c.optimizer, 10)
-    objective = make_objective(c.loss, reference_mode)
+    objective = from_config(c.loss, reference_mode)
     step = make_train_step(
-        graphdef=graphdef, objective=objective, optimizer=optimizer, schedule=schedule,
+        forward=Forward(graphdef), objective=objective, optimizer=optimizer, schedule=schedule,
         reference_mode=reference_mode, donate=False,
     )
     train_params = {"model": params}
     if head:
-        train_params["head"] = init_reward_head(hidden_size, seed=1)
+        train_params.update(objective.init_extra(model_config, 1))
     state = init_state(train_params, optimizer, seed=0)
     reference = params if ref_params is None else ref_params
     new, metrics = step(state, stack_micro_batches(micro_batches), reference if reference_mode == "frozen" else None)
@@ -154,7 +155,7 @@ def test_eval_step_matches_train_metrics(records, tokenizer, tmp_path, model_par
     full = batches(records[:8], tokenizer, tmp_path, batch_size=8)
     metrics, _ = sgd_step(model_parts, "dpo", full, ref_params=other_reference)
     c = base_config()
-    evaluate = make_eval_step(graphdef=graphdef, objective=make_objective(c.loss, "frozen"))
+    evaluate = make_eval_step(forward=Forward(graphdef), objective=from_config(c.loss, "frozen"))
     out = jax.device_get(evaluate({"model": params}, full[0], other_reference))
     assert out["weight"] == 8
     for key in ("loss", "rewards/accuracies", "rewards/margins"):
@@ -169,7 +170,7 @@ def test_bf16_compute_keeps_float32_master_params(tiny_model_dir, records, token
     c.optimizer.learning_rate = 1e-2
     optimizer, schedule = make_optimizer(c.optimizer, 10)
     step = make_train_step(
-        graphdef=graphdef16, objective=make_objective(c.loss, "none"), optimizer=optimizer, schedule=schedule,
+        forward=Forward(graphdef16), objective=from_config(c.loss, "none"), optimizer=optimizer, schedule=schedule,
         reference_mode="none", donate=False,
     )
     state = init_state({"model": params16}, optimizer, seed=0)
@@ -178,7 +179,7 @@ def test_bf16_compute_keeps_float32_master_params(tiny_model_dir, records, token
     assert float(m16["finite"]) == 1.0
     # the float32 model's log-probs on the same batch (metrics are computed before the update)
     graphdef32, params32, _ = model_parts
-    evaluate = make_eval_step(graphdef=graphdef32, objective=make_objective(c.loss, "none"), reference_mode="none")
+    evaluate = make_eval_step(forward=Forward(graphdef32), objective=from_config(c.loss, "none"), reference_mode="none")
     m32 = jax.device_get(evaluate({"model": params32}, full[0]))
     assert float(m16["logps/chosen"]) == pytest.approx(float(m32["logps/chosen"]), rel=2e-2)
     assert float(m16["logps/chosen"]) != float(m32["logps/chosen"])  # the bf16 path really ran in bf16

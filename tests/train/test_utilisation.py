@@ -13,7 +13,7 @@ from jaxalign.models.tiny import tiny_config
 from jaxalign.train.loop import train
 from jaxalign.train.metrics import read_metrics
 from jaxalign.train.run import prepare
-from jaxalign.train.utilisation import flop_rates, flops_per_token, peak_flops, peak_memory
+from jaxalign.perf.utilisation import flop_rates, flops_per_token, peak_flops, peak_memory
 
 # hidden 8, 2 layers, 2 heads of 4, 1 kv head, MLP 16, vocab 32: N = 1192 (blocks + final norm)
 # + 256 (unembedding) = 1448, hand-counted in tests/bench/test_flops.py.

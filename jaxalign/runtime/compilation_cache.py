@@ -17,12 +17,14 @@ from collections.abc import Iterator
 import jax
 from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
-from jaxalign.train.config import ConfigError
-
-__all__ = ["CACHE_SUBDIR", "OFF", "compilation_cache", "resolve_cache_dir"]
+__all__ = ["CACHE_SUBDIR", "OFF", "CompilationCacheError", "compilation_cache", "resolve_cache_dir"]
 
 CACHE_SUBDIR = "compilation_cache"
 OFF = "none"
+
+
+class CompilationCacheError(ValueError):
+    """The cache directory a setting names cannot be created; the message names the setting."""
 
 
 def resolve_cache_dir(setting: str, workdir: str, jax_setting: str | None = None) -> str | None:
@@ -59,7 +61,7 @@ def compilation_cache(setting: str, workdir: str) -> Iterator[str | None]:
     try:
         _point_at(directory)
     except OSError as e:
-        raise ConfigError(f"compilation_cache_dir: cannot create {directory}: {e.strerror or e}") from None
+        raise CompilationCacheError(f"compilation_cache_dir: cannot create {directory}: {e.strerror or e}") from None
     try:
         yield directory
     finally:

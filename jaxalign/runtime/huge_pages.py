@@ -10,22 +10,66 @@ then takes a few thousand faults and, in most measurements, runs 1.09-1.26x fast
 same peak memory (docs/performance.md, which also says when it does not help).
 
 Tunables are read once, when a process starts, so ``python -m jaxalign.train`` re-executes
-itself (same PID, same arguments) with ``GLIBC_TUNABLES`` extended, before it touches JAX.
-A ``glibc.malloc.hugetlb`` the user already set (``=0`` to opt out) is left as it is, and
-nothing happens where it could not help: another C library, glibc < 2.35, THP ``never``.
+itself once (same PID, same arguments) with ``GLIBC_TUNABLES`` extended, before it imports
+JAX. It does so only where this was measured to help, a CPU host (``cpu_host``: XLA:CPU's
+per-call buffers; on a GPU or TPU host the step's buffers live in device memory, and nobody
+measured what the tunable does there), and only when it can take effect. Nothing happens:
+
+* on a host with an accelerator: ``JAX_PLATFORMS`` names anything but ``cpu``, or, with
+  ``JAX_PLATFORMS`` unset or empty, a device file of one is present (``/dev/nvidia<N>``,
+  ``/dev/nvidiactl``, ``/dev/dxg`` (WSL2), ``/dev/kfd`` (ROCm), ``/dev/accel<N>`` (TPU v4),
+  ``/dev/vfio/<N>`` (TPU v5e and later), ``/dev/neuron<N>``). ``JAX_PLATFORMS=cpu`` makes any
+  host a CPU host (JAX will not use its accelerator);
+* when ``glibc.malloc.hugetlb`` is already in ``GLIBC_TUNABLES`` (``=0`` opts out; the
+  trainer's own switch is ``--config.huge_pages=False``);
+* with another C library, glibc < 2.35, or THP ``never``.
+
+``restart_environment`` is the whole decision; ``huge_page_environment`` is the part without
+the host check (the benchmark starts its CPU workers with it).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Mapping
 
-__all__ = ["TUNABLE", "glibc_version", "huge_page_environment", "reexec_with_huge_pages", "thp_mode"]
+__all__ = [
+    "TUNABLE", "cpu_host", "glibc_version", "huge_page_environment", "reexec_with_huge_pages",
+    "restart_environment", "thp_mode",
+]
 
 TUNABLE = "glibc.malloc.hugetlb"
 THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 MIN_GLIBC = (2, 35)  # the first glibc with glibc.malloc.hugetlb
+# Device files of accelerators JAX can use (cf. jax/_src/hardware_utils.py), relative to /dev.
+ACCELERATOR_DEVICES = re.compile(r"^(nvidia\d+|nvidiactl|dxg|kfd|accel\d+|neuron\d+|vfio/\d+)$")
+
+
+def _platforms(environ: Mapping[str, str]) -> list[str]:
+    value = environ.get("JAX_PLATFORMS", "") or environ.get("JAX_PLATFORM_NAME", "")
+    return [p.strip().lower() for p in value.split(",") if p.strip()]
+
+
+def cpu_host(environ: Mapping[str, str], dev: str = "/dev") -> bool:
+    """Whether JAX will compute on the CPU here, decided without importing JAX: from
+    ``JAX_PLATFORMS`` (``JAX_PLATFORM_NAME`` if that is unset) when set, True iff it names
+    only ``cpu``; otherwise True iff ``dev`` holds no accelerator device file
+    (``ACCELERATOR_DEVICES``: NVIDIA, WSL2, ROCm, TPU, Neuron)."""
+    platforms = _platforms(environ)
+    if platforms:
+        return all(p == "cpu" for p in platforms)
+    try:
+        names = os.listdir(dev)
+    except OSError:
+        return True
+    if "vfio" in names:
+        try:
+            names += [f"vfio/{n}" for n in os.listdir(os.path.join(dev, "vfio"))]
+        except OSError:
+            pass
+    return not any(ACCELERATOR_DEVICES.match(n) for n in names)
 
 
 def glibc_version() -> tuple[int, int] | None:
@@ -69,11 +113,21 @@ def huge_page_environment(
     return {"GLIBC_TUNABLES": f"{tunables}:{TUNABLE}=1" if tunables else f"{TUNABLE}=1"}
 
 
+def restart_environment(
+    environ: Mapping[str, str], *, dev: str = "/dev", glibc: tuple[int, int] | None = None, thp: str | None = None
+) -> dict[str, str]:
+    """What the trainer's restart sets: ``huge_page_environment`` on a CPU host
+    (``cpu_host(environ, dev)``), {} (no restart) on any other."""
+    if not cpu_host(environ, dev):
+        return {}
+    return huge_page_environment(environ, glibc=glibc, thp=thp)
+
+
 def reexec_with_huge_pages() -> None:
-    """Replaces this process by the same command with ``huge_page_environment`` set (see the
+    """Replaces this process by the same command with ``restart_environment`` set (see the
     module docstring); returns without doing anything when that is empty. Call it first thing
     in a program's entry point: nothing done before survives."""
-    changes = huge_page_environment(os.environ)
+    changes = restart_environment(os.environ)
     if not changes:
         return
     sys.stdout.flush()

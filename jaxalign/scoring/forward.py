@@ -1,4 +1,4 @@
-"""The model forward passes the train step needs, on parameters held as a plain pytree.
+"""The model forward passes that score sequences, on parameters held as a plain pytree.
 
 The model is split once outside ``jit`` (``graphdef, params = nnx.split(model, nnx.Param)``)
 and merged inside (``nnx.merge(graphdef, params)``), following docs/architecture.md. All
@@ -12,11 +12,17 @@ per-token and per-sequence quantities are float32.
   batch's ``sequence_ids`` (works for padded and packed layouts alike).
 * ``sequence_rewards``: a scalar reward per sequence, ``h_last . w + b``, where ``h_last`` is
   the final hidden state at the sequence's last token (its last non-padding token).
+
+``Forward`` binds a model's graph and the LM head's layout (chunk, row groups) to these
+functions; it is what an objective (``jaxalign.objectives``) receives.
+``sequence_logps_fn`` is the jitted reference pass (per-sequence sums) of the reference cache.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -25,7 +31,16 @@ from flax import nnx
 
 from jaxalign import losses
 
-__all__ = ["hidden_states", "init_reward_head", "logits_chunk_size", "sequence_logps", "sequence_rewards", "token_logps"]
+__all__ = [
+    "Forward",
+    "hidden_states",
+    "init_reward_head",
+    "logits_chunk_size",
+    "sequence_logps",
+    "sequence_logps_fn",
+    "sequence_rewards",
+    "token_logps",
+]
 
 Batch = dict[str, jax.Array]
 
@@ -56,14 +71,19 @@ def hidden_states(graphdef: nnx.GraphDef, params: Any, batch: Batch) -> tuple[ja
 
 
 def token_logps(
-    graphdef: nnx.GraphDef, params: Any, batch: Batch, *, chunk: int = 0, row_groups: int = 1
+    graphdef: nnx.GraphDef, params: Any, batch: Batch, *, chunk: int = 0, row_groups: int = 1,
+    all_positions: bool = False,
 ) -> jax.Array:
     """Label-aligned float32 log-probs ``[R, L]`` under the model of the tokens with
     ``loss_mask > 0``; 0 on every other token (never projected through the unembedding).
 
     The scored positions are ranked within ``row_groups`` groups of rows (the devices that
     split the rows; see ``losses.token_logps_from_hidden``); ``chunk`` > 0 sets the positions
-    per row and chunk, which a group of ``R / G`` rows multiplies."""
+    per row and chunk, which a group of ``R / G`` rows multiplies. ``all_positions`` projects
+    every position through the unembedding and returns every token's log-prob (slower: the
+    benchmark's ablation of the scored-positions head)."""
+    if all_positions:
+        batch = {**batch, "loss_mask": jnp.ones_like(batch["loss_mask"])}
     hidden, model = hidden_states(graphdef, params, batch)
     unembedding = model.unembedding(dtype=model.config.param_dtype)  # cast per chunk: gradient summed in param_dtype
     rows, length = batch["input_ids"].shape
@@ -77,10 +97,11 @@ def token_logps(
 
 
 def sequence_logps(
-    graphdef: nnx.GraphDef, params: Any, batch: Batch, *, num_sequences: int, chunk: int = 0, row_groups: int = 1
+    graphdef: nnx.GraphDef, params: Any, batch: Batch, *, num_sequences: int, chunk: int = 0, row_groups: int = 1,
+    all_positions: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(token_logps [R, L], sums [S], counts [S])`` with ``S = num_sequences``."""
-    tokens = token_logps(graphdef, params, batch, chunk=chunk, row_groups=row_groups)
+    tokens = token_logps(graphdef, params, batch, chunk=chunk, row_groups=row_groups, all_positions=all_positions)
     sums, counts = losses.segment_logps(
         tokens, batch["loss_mask"], batch["sequence_ids"], num_sequences=num_sequences
     )
@@ -112,3 +133,44 @@ def sequence_rewards(
     flat = hidden.reshape(-1, hidden.shape[-1]).astype(jnp.float32)
     last = flat[last_token_index(batch["sequence_ids"], num_sequences)]
     return last @ head["kernel"] + head["bias"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Forward:
+    """A model's forward passes with the LM head's layout fixed: ``chunk`` positions per
+    unembedding chunk (0 = default), ``row_groups`` (the devices that split a batch's rows),
+    ``all_positions`` (unembed every position: the benchmark's ablation). Methods take the
+    model's parameter pytree and a batch (docs/architecture.md)."""
+
+    graphdef: nnx.GraphDef
+    chunk: int = 0
+    row_groups: int = 1
+    all_positions: bool = False
+
+    def token_logps(self, params: Any, batch: Batch) -> jax.Array:
+        """See ``token_logps``."""
+        return token_logps(self.graphdef, params, batch, chunk=self.chunk, row_groups=self.row_groups,
+                           all_positions=self.all_positions)
+
+    def sequence_logps(self, params: Any, batch: Batch, num_sequences: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """See ``sequence_logps``."""
+        return sequence_logps(self.graphdef, params, batch, num_sequences=num_sequences, chunk=self.chunk,
+                              row_groups=self.row_groups, all_positions=self.all_positions)
+
+    def hidden_states(self, params: Any, batch: Batch) -> tuple[jax.Array, Any]:
+        """See ``hidden_states``."""
+        return hidden_states(self.graphdef, params, batch)
+
+    def sequence_rewards(self, params: Any, head: dict[str, jax.Array], batch: Batch, num_sequences: int) -> jax.Array:
+        """See ``sequence_rewards``."""
+        return sequence_rewards(self.graphdef, params, head, batch, num_sequences=num_sequences)
+
+
+def sequence_logps_fn(forward: Forward, sequences_per_pair: int = 2) -> Callable[[Any, Batch], jax.Array]:
+    """The jitted ``(params, batch) -> sequence log-prob sums [sequences_per_pair * P]``: the
+    forward the train step runs for a frozen reference, as one pass (the reference cache)."""
+
+    def sums(params: Any, batch: Batch) -> jax.Array:
+        return forward.sequence_logps(params, batch, sequences_per_pair * batch["pair_mask"].shape[0])[1]
+
+    return jax.jit(sums)

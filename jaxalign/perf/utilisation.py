@@ -1,7 +1,7 @@
 """How much of the hardware the training steps use, for the logged metrics: model FLOP/s,
 model FLOP utilisation (MFU) and peak memory.
 
-Counted as the benchmark counts them (``jaxalign.bench.flops``): ``6N`` FLOPs per real
+Counted as the benchmark counts them (``jaxalign.perf.flops``): ``6N`` FLOPs per real
 (non-padding) token for the policy's forward and backward, ``2N`` more when the frozen
 reference runs inside the step (``2 N_reference`` for a reference of another size), with
 ``N`` = the decoder blocks' parameters + the unembedding matmul. Attention's score and value
@@ -17,9 +17,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from jaxalign.bench.flops import param_counts, train_flops_per_token
-from jaxalign.bench.memory import device_peak_bytes, peak_rss_bytes
-from jaxalign.bench.peak import vendor_peak
+from jaxalign.perf.flops import mfu, param_counts, train_flops_per_token
+from jaxalign.perf.memory import device_peak_bytes, peak_rss_bytes
+from jaxalign.perf.peak import vendor_peak
 
 __all__ = ["flop_rates", "flops_per_token", "peak_flops", "peak_memory"]
 
@@ -48,7 +48,7 @@ def peak_flops(per_device: float, devices: Sequence[Any], dtype: str) -> float |
 def flop_rates(tokens_per_second: float, flops_per_token: int, peak: float | None) -> dict[str, float]:
     """``model_flops_per_second`` for a token rate, and ``mfu`` when the peak is known."""
     achieved = tokens_per_second * flops_per_token
-    return {"model_flops_per_second": achieved, **({"mfu": achieved / peak} if peak else {})}
+    return {"model_flops_per_second": achieved, **({"mfu": mfu(achieved, peak)} if peak else {})}
 
 
 def peak_memory(devices: Sequence[Any]) -> dict[str, float]:

@@ -29,7 +29,6 @@ __all__ = [
     "attention_flops_per_token",
     "mfu",
     "param_counts",
-    "step_model_flops",
     "train_flops_per_token",
 ]
 
@@ -84,19 +83,15 @@ def train_flops_per_token(flop_params: int, *, reference_on_the_fly: bool) -> in
     return (6 + (2 if reference_on_the_fly else 0)) * flop_params
 
 
-def step_model_flops(flop_params: int, real_tokens: int | float, *, reference_on_the_fly: bool) -> float:
-    """Useful FLOPs of a step (or window) over ``real_tokens`` non-padding tokens."""
-    return float(train_flops_per_token(flop_params, reference_on_the_fly=reference_on_the_fly)) * float(real_tokens)
-
-
 def attention_flops_per_token(config, context: float) -> float:
     """Forward FLOPs per token of the attention products ``QK^T`` and ``PV`` (not in ``N``):
     ``4 * layers * heads * head_dim * context`` for an average attended ``context``."""
     return 4.0 * config.num_layers * config.num_heads * config.head_dim * context
 
 
-def mfu(model_flops: float, seconds: float, peak_flops_per_s: float) -> float:
-    """Model FLOP utilisation: achieved model FLOP/s over the peak FLOP/s."""
-    if seconds <= 0 or peak_flops_per_s <= 0:
-        raise ValueError(f"mfu needs positive seconds and peak, got {seconds} and {peak_flops_per_s}")
-    return model_flops / seconds / peak_flops_per_s
+def mfu(model_flops_per_second: float, peak_flops_per_second: float) -> float:
+    """Model FLOP utilisation: achieved model FLOP/s over the devices' peak FLOP/s (the one
+    MFU formula of the trainer's metrics and the benchmark's report)."""
+    if peak_flops_per_second <= 0:
+        raise ValueError(f"mfu needs a positive peak FLOP/s, got {peak_flops_per_second}")
+    return model_flops_per_second / peak_flops_per_second

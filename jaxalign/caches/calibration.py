@@ -7,26 +7,28 @@ stopping at EOS) with ``jaxalign.sampling.generate``. Each example then carries 
 sequence, prompt + sample (``CalibratedPair``); the data pipeline batches it like the other
 two, so its sequence id is ``2P + p`` and the step sums its log-probs like any completion.
 
-Samples are stored in ``CACHE_DIR/calibration-<fingerprint>.npz``, keyed by the reference
-weights, the tokenizer, the tokenized examples, the sampling settings and the seed.
+Samples are stored in ``CACHE_DIR/calibration-<fingerprint>/`` (an ``ArrayStore``), keyed by
+the reference weights, the tokenizer, the tokenized examples, the sampling settings and the
+seed (``calibrated_loader``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
+from jaxalign.caches.fingerprint import fingerprint
+from jaxalign.caches.store import ArrayStore
 from jaxalign.data.encoding import EncodedPair, EncodedSequence
+from jaxalign.data.loader import Loader
 from jaxalign.sampling import generate
 
-__all__ = ["CalibratedPair", "attach_samples", "calibration_fingerprint", "load_or_sample", "sample_calibration"]
+__all__ = ["CalibratedPair", "attach_samples", "calibrated_loader", "load_or_sample", "sample_calibration"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,21 +99,32 @@ def attach_samples(pairs: Sequence[EncodedPair], samples: Sequence[np.ndarray]) 
     return out
 
 
-def calibration_fingerprint(**parts: Any) -> str:
-    """Cache key of the samples from named digests and settings."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
-
-
-def load_or_sample(path: str, sample: Any, *, write: bool) -> list[np.ndarray]:
+def load_or_sample(path: str, sample: Callable[[], list[np.ndarray]], *, write: bool) -> list[np.ndarray]:
     """The samples stored at ``path``, or ``sample()`` saved there (``write`` on process 0)."""
-    if os.path.exists(path):
-        with np.load(path) as f:
-            return np.split(f["tokens"], f["offsets"][1:-1])
+    store = ArrayStore(path)
+    if store.exists():
+        arrays = store.read()
+        return np.split(np.asarray(arrays["tokens"]), np.asarray(arrays["offsets"])[1:-1])
     samples = sample()
     if write:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         offsets = np.cumsum([0] + [len(s) for s in samples])
-        tmp = f"{path}.tmp{os.getpid()}.npz"
-        np.savez(tmp, tokens=np.concatenate(samples).astype(np.int32), offsets=offsets)
-        os.replace(tmp, path)
+        store.write({"tokens": np.concatenate(samples).astype(np.int32), "offsets": offsets})
     return samples
+
+
+def calibrated_loader(
+    loader: Loader, model: Any, *, cache_dir: str, digests: Mapping[str, Any], eos_id: int, pad_id: int,
+    max_new_tokens: int, max_length: int, seed: int, write: bool,
+) -> Loader:
+    """``loader`` with each pair's calibration sequence attached: samples from ``model`` (the
+    reference), cached in ``cache_dir`` under ``digests`` + the sampling settings + the
+    examples' fingerprint."""
+    key = fingerprint(examples=loader.fingerprint, max_new_tokens=max_new_tokens, max_length=max_length, seed=seed,
+                      **digests)
+
+    def sample() -> list[np.ndarray]:
+        return sample_calibration(model, loader.examples, eos_id=eos_id, pad_id=pad_id, max_new_tokens=max_new_tokens,
+                                  max_length=max_length, seed=seed)
+
+    samples = load_or_sample(os.path.join(cache_dir, f"calibration-{key}"), sample, write=write)
+    return loader.with_examples(attach_samples(loader.examples, samples))

@@ -2,140 +2,66 @@
 
 With ``reference.mode = "precomputed"`` the reference model runs once over every training
 and held-out example before training; its per-sequence log-prob sums (chosen, rejected) are
-stored in ``CACHE_DIR/<fingerprint>.npz`` and looked up by each batch's ``example_index``.
-The pass is one unshuffled epoch in the training layout (packed rows with ``data.packing``,
-else padded buckets), ``reference.cache_batch_size`` pairs per batch; it covers every example
-exactly once (``check_coverage``). A sequence's log-prob does not depend on the layout or the
-batch it is computed in (beyond float rounding), so neither is part of the fingerprint.
+stored in ``CACHE_DIR/<fingerprint>/`` (an ``ArrayStore``: read memory-mapped) and looked up by
+each batch's ``example_index``. The pass (``build_reference_cache``) is one unshuffled epoch
+in the training layout (packed rows with ``data.packing``, else padded buckets, sorted by
+length), ``batch_size`` pairs per batch; it covers every example exactly once
+(``check_coverage``). A sequence's log-prob does not depend on the layout or the batch it is
+computed in (beyond float rounding), so neither is part of the fingerprint.
 
-The fingerprint is a SHA-256 over everything the numbers depend on:
-
-* the reference weights (a digest of every parameter array: its path, dtype, shape, bytes);
-* the tokenizer (vocabulary, merges, normaliser and pre-tokeniser as serialised by the
-  ``tokenizers`` backend, special tokens) and its chat template;
-* the truncation and masking settings (``max_length``, ``max_prompt_length``, mask mode) and
-  the compute dtype;
-* the data: the source files (path, size, SHA-256 of the content) and the fingerprint of the
-  tokenized examples.
-
-Any change gives a new fingerprint, hence a new cache file: a stale cache is never used.
+The fingerprint (``jaxalign.caches.fingerprint``) covers everything the numbers depend on:
+the reference weights, the tokenizer and its chat template, the truncation and masking
+settings and the compute dtype, the data (the source files' content and the tokenized
+examples). Any change gives a new fingerprint, hence a new cache: a stale cache is never used.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
+
+from jaxalign.caches.fingerprint import fingerprint, host_array
+from jaxalign.caches.store import ArrayStore
+from jaxalign.data.loader import Loader
 
 __all__ = [
     "CoverageError",
     "ReferenceCache",
+    "build_reference_cache",
+    "cache_loader",
     "check_coverage",
     "compute_cache",
     "load_or_compute",
-    "params_digest",
-    "reference_fingerprint",
-    "source_digest",
-    "tokenizer_digest",
 ]
-
-
-def _sha(parts: Iterable[bytes]) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(len(part).to_bytes(8, "little"))
-        h.update(part)
-    return h.hexdigest()
-
-
-def _host_array(x: jax.Array) -> np.ndarray:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
-
-
-def params_digest(params: Any) -> str:
-    """SHA-256 of a parameter pytree (``nnx.State`` or nested dict): paths, dtypes, shapes, bytes."""
-    if isinstance(params, nnx.State):
-        params = params.to_pure_dict()
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    parts = []
-    for path, leaf in leaves:
-        value = _host_array(leaf)
-        parts += [jax.tree_util.keystr(path).encode(), str(value.dtype).encode(), str(value.shape).encode()]
-        parts.append(np.ascontiguousarray(value).tobytes())
-    return _sha(parts)
-
-
-def tokenizer_digest(tokenizer: Any) -> str:
-    """SHA-256 of a Hugging Face tokenizer's vocabulary, merges, special tokens and chat template."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    serialised = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    special = json.dumps(
-        {
-            "bos": tokenizer.bos_token, "eos": tokenizer.eos_token, "pad": tokenizer.pad_token,
-            "added": sorted(str(t) for t in tokenizer.all_special_tokens),
-        },
-        sort_keys=True,
-    )
-    template = getattr(tokenizer, "chat_template", None) or ""
-    if isinstance(template, dict):
-        template = json.dumps(template, sort_keys=True)
-    return _sha([serialised.encode(), special.encode(), template.encode()])
-
-
-def source_digest(files: Iterable[str]) -> str:
-    """SHA-256 over the named files: path, size and content (``tfds:`` items by name only)."""
-    parts = []
-    for item in files:
-        parts.append(item.encode())
-        if item.startswith("tfds:") or not os.path.isfile(item):
-            continue
-        h = hashlib.sha256()
-        with open(item, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        parts += [str(os.path.getsize(item)).encode(), h.hexdigest().encode()]
-    return _sha(parts)
-
-
-def reference_fingerprint(
-    *, params: str, tokenizer: str, data: str, examples: str, settings: Mapping[str, Any]
-) -> str:
-    """The cache key (hex, 24 chars) from the component digests and the settings."""
-    blob = json.dumps(
-        {"params": params, "tokenizer": tokenizer, "data": data, "examples": examples, "settings": dict(settings)},
-        sort_keys=True,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
 @dataclass(frozen=True)
 class ReferenceCache:
     """Reference log-prob sums per example: ``indices [N]`` (example_index), ``chosen``,
-    ``rejected`` and, for VPO reference samples, ``calibration`` (else None)."""
+    ``rejected`` and, for VPO reference samples, ``calibration`` (else None). Loaded caches
+    hold memory-mapped arrays."""
 
     indices: np.ndarray
     chosen: np.ndarray
     rejected: np.ndarray
     calibration: np.ndarray | None = None
+    _order: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_order", np.argsort(np.asarray(self.indices), kind="stable"))
 
     def lookup(self, example_index: np.ndarray) -> dict[str, np.ndarray]:
         """``{"ref_chosen_logps", "ref_rejected_logps"[, "ref_calibration_logps"]}`` (float32,
         shaped like ``example_index``); 0 for filler slots (index -1). ``KeyError`` naming the
         index when one is not cached."""
         example_index = np.asarray(example_index)
-        order = np.argsort(self.indices, kind="stable")
-        sorted_idx = self.indices[order]
+        order = self._order
+        sorted_idx = np.asarray(self.indices)[order]
         flat = example_index.reshape(-1)
         pos = np.searchsorted(sorted_idx, flat)
         pos_clipped = np.minimum(pos, len(sorted_idx) - 1)
@@ -154,16 +80,16 @@ class ReferenceCache:
         }
 
     def save(self, path: str) -> None:
-        tmp = f"{path}.tmp{os.getpid()}.npz"
+        """Writes the cache as an ``ArrayStore`` directory at ``path`` (atomically)."""
         extra = {} if self.calibration is None else {"calibration": self.calibration}
-        np.savez(tmp, indices=self.indices, chosen=self.chosen, rejected=self.rejected, **extra)
-        os.replace(tmp, path)
+        ArrayStore(path).write({"indices": self.indices, "chosen": self.chosen, "rejected": self.rejected, **extra})
 
     @classmethod
     def load(cls, path: str) -> ReferenceCache:
-        with np.load(path) as f:
-            calibration = f["calibration"] if "calibration" in f.files else None
-            return cls(indices=f["indices"], chosen=f["chosen"], rejected=f["rejected"], calibration=calibration)
+        """The cache stored at ``path``, memory-mapped."""
+        arrays = ArrayStore(path).read()
+        return cls(indices=arrays["indices"], chosen=arrays["chosen"], rejected=arrays["rejected"],
+                   calibration=arrays.get("calibration"))
 
 
 def compute_cache(
@@ -178,7 +104,7 @@ def compute_cache(
     indices, chosen, rejected, calibration = [], [], [], []
 
     def collect(sums_device: jax.Array, index: np.ndarray) -> None:
-        sums = _host_array(sums_device).astype(np.float64)
+        sums = host_array(sums_device).astype(np.float64)
         p = index.shape[0]
         real = index >= 0
         indices.append(index[real])
@@ -235,25 +161,57 @@ def check_coverage(cache: ReferenceCache, expected: np.ndarray, where: str) -> N
 
 
 def load_or_compute(
-    cache_dir: str, fingerprint: str, compute: Callable[[], ReferenceCache], *, write: bool = True,
+    cache_dir: str, key: str, compute: Callable[[], ReferenceCache], *, write: bool = True,
     expected: np.ndarray | None = None,
 ) -> tuple[ReferenceCache, bool]:
-    """``(cache, computed)``: the cache stored under ``fingerprint``, computed and saved if absent.
+    """``(cache, computed)``: the cache stored under ``key``, computed and saved if absent.
 
     ``write`` (process 0 only in multi-process runs) saves a computed cache. ``expected``: the
     example indices the cache must cover exactly once (``check_coverage``), checked on the
     loaded or computed cache before it is used or saved.
     """
-    path = os.path.join(cache_dir, f"{fingerprint}.npz")
-    if os.path.exists(path):
+    path = os.path.join(cache_dir, key)
+    if ArrayStore(path).exists():
         cache = ReferenceCache.load(path)
         if expected is not None:
-            check_coverage(cache, expected, f"{path} (delete the file to recompute it)")
+            check_coverage(cache, expected, f"{path} (delete the directory to recompute it)")
         return cache, False
     cache = compute()
     if expected is not None:
         check_coverage(cache, expected, f"computed for {path}")
     if write:
-        os.makedirs(cache_dir, exist_ok=True)
         cache.save(path)
     return cache, True
+
+
+def cache_loader(loader: Loader, batch_size: int) -> Loader:
+    """One unshuffled pass over a loader's examples in its layout, ``batch_size`` pairs per batch.
+
+    Packed (``loader.packing``): rows of the loader's ``pack_length``, at most as many as the
+    loader's rule gives for ``batch_size`` pairs (``Loader.default_pack_rows``, in multiples of
+    the loader's ``row_multiple`` so that the rows split over the mesh). Padded: the examples
+    sorted by length, so that each batch pads to the smallest bucket that fits similar
+    lengths. The order does not matter: the sums are keyed by ``example_index``.
+    """
+    examples = loader.examples
+    if not loader.packing:
+        examples = sorted(examples, key=lambda e: max(len(s) for s in e.sequences))
+    return loader.with_examples(examples, batch_size=batch_size, shuffle=False, num_epochs=1)
+
+
+def build_reference_cache(
+    loader: Loader, *, sums: Callable[[dict[str, np.ndarray]], jax.Array], cache_dir: str,
+    digests: Mapping[str, Any], batch_size: int, write: bool, progress: Callable[[Loader], Iterable] = iter,
+) -> ReferenceCache:
+    """The reference cache of ``loader``'s examples: loaded from ``cache_dir`` when its key
+    (``digests`` plus the examples' fingerprint) is there, else computed with ``sums`` (a host
+    batch of this process -> global sums ``[S]``) over ``cache_loader(loader, batch_size)``,
+    wrapped by ``progress`` (e.g. a progress bar), and saved (``write``: process 0).
+    ``CoverageError`` unless it holds each of the loader's examples exactly once."""
+    key = fingerprint(examples=loader.fingerprint, **digests)
+
+    def compute() -> ReferenceCache:
+        return compute_cache(progress(cache_loader(loader, batch_size)), sums)
+
+    expected = np.asarray([e.index for e in loader.examples], np.int64)
+    return load_or_compute(cache_dir, key, compute, write=write, expected=expected)[0]

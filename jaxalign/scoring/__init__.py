@@ -1,0 +1,1 @@
+"""Scoring sequences with a model: per-token and per-sequence log-probs, scalar rewards."""
