@@ -1,7 +1,8 @@
 """Supervised fine-tuning (warm start before preference training): token-mean NLL.
 
 Data: ``{"prompt", "completion"}`` or ``{"messages": [...]}`` records; only the completion
-(final assistant turn) is trained. No reference model.
+(final assistant turn) is trained. Preference data (any pairwise format, e.g. HH-RLHF) works
+too: SFT then trains on the chosen responses, the usual step before DPO. No reference model.
 
     python -m jaxalign.train --config configs/sft.py \
         --config.model.path=PATH/TO/HF_MODEL --config.data.train=PATH/TO/sft.jsonl

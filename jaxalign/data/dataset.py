@@ -175,9 +175,9 @@ def load_dataset(
 ) -> EncodedDataset:
     """Reads, validates, tokenizes and truncates ``spec`` for one training family.
 
-    Records of the other family (an SFT record in preference data, or vice versa) are bad
-    records. ``encoder_options`` go to ``Encoder`` (``add_bos``, ``eos_token``,
-    ``on_boundary_merge``).
+    SFT on preference data trains on the chosen responses (prompt + chosen: the usual first
+    step before DPO). SFT records in preference data are bad records.
+    ``encoder_options`` go to ``Encoder`` (``add_bos``, ``eos_token``, ``on_boundary_merge``).
     """
     records, report = read_records(
         spec, format=format, keys=keys, marker=marker, on_bad_record=on_bad_record, tfds_data_dir=tfds_data_dir
@@ -185,6 +185,8 @@ def load_dataset(
     want = PreferenceRecord if family == "preference" else SFTRecord
     usable = []
     for r in records:
+        if family == "sft" and isinstance(r, PreferenceRecord):
+            r = SFTRecord(r.prompt, r.chosen, format=r.format, index=r.index, file=r.file, line=r.line)
         if isinstance(r, want):
             usable.append(r)
         else:

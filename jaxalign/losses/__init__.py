@@ -16,7 +16,7 @@ from jaxalign.losses.logprobs import (
     token_logps,
     token_logps_from_hidden,
 )
-from jaxalign.losses.preference import dpo, hinge, ipo, preference_metrics, rdpo
+from jaxalign.losses.preference import cdpo, dpo, hinge, ipo, preference_metrics, rdpo
 from jaxalign.losses.registry import get, names
 from jaxalign.losses.reward import bradley_terry
 from jaxalign.losses.sft import sft
@@ -28,6 +28,7 @@ __all__ = [
     "bradley_terry",
     "dckd",
     "dove",
+    "cdpo",
     "dpo",
     "get",
     "hinge",

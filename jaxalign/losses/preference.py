@@ -133,6 +133,22 @@ def dpo(
     return weighted_mean(per_pair, pairs.weights), preference_metrics(pairs, beta)
 
 
+def cdpo(
+    policy_chosen_logps: jax.Array,
+    policy_rejected_logps: jax.Array,
+    reference_chosen_logps: jax.Array,
+    reference_rejected_logps: jax.Array,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 0.1,
+    weights: jax.Array | None = None,
+) -> tuple[jax.Array, Metrics]:
+    """Conservative DPO: ``dpo`` with labels assumed flipped at rate ``label_smoothing``
+    (default 0.1, as in ``configs/cdpo.py``); see ``dpo`` for the formula."""
+    return dpo(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+               beta=beta, label_smoothing=label_smoothing, weights=weights)
+
+
 def ipo(
     policy_chosen_logps: jax.Array,
     policy_rejected_logps: jax.Array,

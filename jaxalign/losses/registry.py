@@ -7,7 +7,7 @@ from types import MappingProxyType
 
 from jaxalign.losses.distill import adpa, dckd, sft_adpa, topk_kl
 from jaxalign.losses.dove import dove
-from jaxalign.losses.preference import dpo, hinge, ipo, rdpo
+from jaxalign.losses.preference import cdpo, dpo, hinge, ipo, rdpo
 from jaxalign.losses.reward import bradley_terry
 from jaxalign.losses.sft import sft
 from jaxalign.losses.vpo import vpo
@@ -15,6 +15,7 @@ from jaxalign.losses.vpo import vpo
 LOSSES: MappingProxyType[str, Callable] = MappingProxyType(
     {
         "dpo": dpo,
+        "cdpo": cdpo,
         "ipo": ipo,
         "hinge": hinge,
         "rdpo": rdpo,

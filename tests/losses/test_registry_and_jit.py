@@ -20,11 +20,13 @@ def test_public_names_of_the_issue_are_exported():
 
 def test_registry_lookup_and_error():
     assert losses.get("rdpo") is losses.rdpo
+    args = tuple(jnp.array([v]) for v in (-10.0, -12.0, -11.0, -11.5))
+    assert float(losses.get("cdpo")(*args)[0]) == pytest.approx(float(losses.dpo(*args, label_smoothing=0.1)[0]))
     assert losses.get("dove") is losses.dove
     assert set(ISSUE_NAMES) - {"get"} <= set(losses.names())
     for name in losses.names():
         assert losses.get(name) is getattr(losses, name)
-    with pytest.raises(ValueError, match=r"unknown loss 'sigmoid'; known losses: adpa, bradley_terry, dckd, dove, dpo"):
+    with pytest.raises(ValueError, match=r"unknown loss 'sigmoid'; known losses: adpa, bradley_terry, cdpo, dckd, dove, dpo"):
         losses.get("sigmoid")
 
 
@@ -40,6 +42,7 @@ def _inputs(name):
     advantages = jnp.asarray(rng.normal(size=(2, 3, 2)), jnp.float32)
     table = {
         "dpo": (pairs, {"label_smoothing": 0.1}),
+        "cdpo": (pairs, {}),
         "ipo": (pairs, {"chosen_lengths": jnp.array([3, 4, 5, 6]), "rejected_lengths": jnp.array([2, 2, 9, 1])}),
         "hinge": (pairs, {"beta": 0.5}),
         "rdpo": (pairs, {"epsilon": 0.2}),
