@@ -5,8 +5,11 @@
 
 Prints the record count per detected format and the bad records (``file:line: field:
 problem``, the first ``--show`` and a total); with ``--tokenizer``, the prompt / completion
-token-length distribution and how many examples truncation would drop or cut. Exit status:
-0 clean, 1 bad records found, 2 unusable arguments (missing path or tokenizer, bad limits).
+token-length distribution and how many examples truncation would drop or cut. The options
+and their defaults are the trainer's (``--max-length`` = ``data.max_length``, ``--prompt-key``
+= ``data.prompt_key``, ...): pass a recipe's values to check what it will see. Exit status:
+0 clean, 1 bad records found or no usable record (the trainer would refuse the data), 2
+unusable arguments (missing path or tokenizer, bad limits).
 """
 
 from __future__ import annotations
@@ -22,7 +25,13 @@ from jaxalign.data.encoding import Encoder
 from jaxalign.data.formats import FORMATS, KeyMap
 from jaxalign.data.records import BadRecord, FieldError, PreferenceRecord, SFTRecord
 from jaxalign.data.sources import SourceError, resolve_source
-from jaxalign.data.truncation import TRUNCATION_MODES, check_limits, truncate
+from jaxalign.data.truncation import (
+    DEFAULT_MAX_LENGTH,
+    DEFAULT_MAX_PROMPT_LENGTH,
+    TRUNCATION_MODES,
+    check_limits,
+    truncate,
+)
 
 EXIT_CLEAN, EXIT_BAD_RECORDS, EXIT_USAGE = 0, 1, 2
 
@@ -32,12 +41,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="data source: files, globs, directories (comma-separated) or tfds:NAME[:SPLIT]")
     p.add_argument("--format", default="auto", choices=("auto",) + FORMATS, help="record format (default: detect per row)")
     p.add_argument("--tokenizer", help="tokenizer directory: also report token lengths and truncation")
-    p.add_argument("--max-length", type=int, default=512, help="max tokens of prompt + completion (default 512)")
-    p.add_argument("--max-prompt-length", type=int, default=None, help="max prompt tokens (default: no limit of its own)")
+    p.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH,
+                   help=f"max tokens of prompt + completion (data.max_length; default {DEFAULT_MAX_LENGTH})")
+    p.add_argument("--max-prompt-length", type=int, default=DEFAULT_MAX_PROMPT_LENGTH,
+                   help=f"max prompt tokens (data.max_prompt_length; default {DEFAULT_MAX_PROMPT_LENGTH})")
     p.add_argument("--truncation-mode", default="keep_start", choices=TRUNCATION_MODES)
-    p.add_argument("--prompt-key", default="prompt")
-    p.add_argument("--chosen-key", default="chosen")
-    p.add_argument("--rejected-key", default="rejected")
+    p.add_argument("--prompt-key", default="prompt", help="prompt column (data.prompt_key)")
+    p.add_argument("--chosen-key", default="chosen", help="chosen-response column (data.chosen_key)")
+    p.add_argument("--rejected-key", default="rejected", help="rejected-response column (data.rejected_key)")
     p.add_argument("--show", type=int, default=10, help="bad records to list (default 10)")
     return p
 
@@ -129,6 +140,9 @@ def main(argv: Sequence[str] | None = None, out=None) -> int:
         print(f"  {bad}", file=out)
     if len(report.bad) > args.show:
         print(f"  ... and {len(report.bad) - args.show} more", file=out)
+    if not records:
+        print("error: no usable record: the trainer would refuse this data", file=sys.stderr)
+        return EXIT_BAD_RECORDS
     return EXIT_BAD_RECORDS if report.bad else EXIT_CLEAN
 
 

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from jaxalign.data.dataset import DataReport, EncodedDataset, OnBad, load_dataset
 from jaxalign.data.formats import KeyMap
+from jaxalign.data.truncation import DEFAULT_MAX_LENGTH, DEFAULT_MAX_PROMPT_LENGTH
 from jaxalign.data.loader import Loader
 
 __all__ = ["Loaders", "build_loader", "build_loaders_from_config", "mask_for_loss"]
@@ -49,8 +50,8 @@ def build_loader(
     tokenizer: Any,
     *,
     batch_size: int,
-    max_length: int = 512,
-    max_prompt_length: int | None = 256,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    max_prompt_length: int | None = DEFAULT_MAX_PROMPT_LENGTH,
     truncation_mode: str = "keep_start",
     format: str = "auto",
     keys: KeyMap = KeyMap(),
@@ -96,9 +97,9 @@ def build_loaders_from_config(
 ) -> Loaders:
     """Train and eval loaders from the trainer's config.
 
-    Uses ``config.seed``, ``config.data.{train, eval, eval_pairs, format, max_length,
-    max_prompt_length, batch_size, micro_batch_size, packing, pack_rows, buckets, shuffle,
-    on_bad_record}``, ``config.loss.name`` (``sft`` -> SFT examples; ``dove`` -> prompt +
+    Uses ``config.seed``, ``config.data.{train, eval, eval_pairs, format, prompt_key,
+    chosen_key, rejected_key, max_length, max_prompt_length, batch_size, micro_batch_size,
+    packing, pack_rows, buckets, shuffle, on_bad_record}``, ``config.loss.name`` (``sft`` -> SFT examples; ``dove`` -> prompt +
     completion masks) and ``config.eval.batch_size``. The train loader yields micro-batches of
     ``micro_batch_size`` pairs (``batch_size`` when 0): a step consumes
     ``batch_size / micro_batch_size`` of them. Without ``data.eval`` the eval set is
@@ -110,7 +111,7 @@ def build_loaders_from_config(
     family = "sft" if config.loss.name == "sft" else "preference"
     common = dict(
         max_length=d.max_length, max_prompt_length=d.max_prompt_length, format=d.format,
-        on_bad_record=d.on_bad_record, family=family,
+        keys=KeyMap(d.prompt_key, d.chosen_key, d.rejected_key), on_bad_record=d.on_bad_record, family=family,
     )
     train_set = load_dataset(d.train, tokenizer, **common)
     report = train_set.report

@@ -29,6 +29,12 @@ TruncationMode = Literal["keep_start", "keep_end"]
 TRUNCATION_MODES = ("keep_start", "keep_end")
 
 
+# The length limits the trainer (data.max_length, data.max_prompt_length) and
+# ``python -m jaxalign.data.check`` default to.
+DEFAULT_MAX_LENGTH = 512
+DEFAULT_MAX_PROMPT_LENGTH = 256
+
+
 def check_limits(max_length: int, max_prompt_length: int | None, mode: str) -> None:
     """Raises ``ValueError`` for limits that could never keep a completion token."""
     if mode not in TRUNCATION_MODES:

@@ -17,6 +17,7 @@ from typing import Any
 import ml_collections
 
 from jaxalign import parallel
+from jaxalign.data.truncation import DEFAULT_MAX_LENGTH, DEFAULT_MAX_PROMPT_LENGTH
 from jaxalign.parallel.mesh import mesh_config_dict
 
 __all__ = [
@@ -79,8 +80,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.eval = ""  # held-out file(s); "" = hold out `eval_pairs` records of `train`
     c.data.eval_pairs = 64  # records held out from `train` when `eval` is empty (0 = no eval)
     c.data.format = "auto"  # record format (see ALLOWED["data.format"])
-    c.data.max_length = 512  # max tokens of prompt + completion
-    c.data.max_prompt_length = 256  # max prompt tokens (cut from the left)
+    c.data.prompt_key = "prompt"  # the prompt column of your data (renamed to "prompt"; python -m jaxalign.data.check --prompt-key)
+    c.data.chosen_key = "chosen"  # the chosen-response column (renamed to "chosen")
+    c.data.rejected_key = "rejected"  # the rejected-response column (renamed to "rejected")
+    c.data.max_length = DEFAULT_MAX_LENGTH  # max tokens of prompt + completion
+    c.data.max_prompt_length = DEFAULT_MAX_PROMPT_LENGTH  # max prompt tokens (cut from the left)
     c.data.batch_size = 8  # pairs (examples for SFT) per optimizer step, over all processes
     c.data.micro_batch_size = 0  # pairs per gradient-accumulation micro-batch (0 = batch_size)
     c.data.packing = False  # pack several sequences per row (segment ids)

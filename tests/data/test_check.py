@@ -7,6 +7,7 @@ import sys
 
 from jaxalign.data import Encoder, read_records
 from jaxalign.data.check import main
+from jaxalign.data.truncation import truncate
 
 GOOD = [
     {"prompt": "Q", "chosen": " a", "rejected": " b"},
@@ -29,18 +30,19 @@ def test_clean_file_exits_0(tmp_path):
 
 
 def test_bad_records_and_token_report_exit_1(hh_path, bpe_tokenizer_dir, bpe_tokenizer):
-    rc, out = run(hh_path, "--tokenizer", bpe_tokenizer_dir, "--max-length", 64)
+    rc, out = run(hh_path, "--tokenizer", bpe_tokenizer_dir, "--max-length", 64, "--max-prompt-length", 32)
     assert rc == 1
     assert "records per format:\n  implicit: 199\n" in out
     assert f"bad records: 1\n  {hh_path}:87: chosen: empty\n" in out
     assert "  prompt                 n=199 " in out and "  completion (rejected)  n=199 " in out
-    # Without a prompt limit, keep_start drops exactly the pairs whose prompt fills max_length.
+    # The report counts exactly the pairs the trainer's truncation drops.
     records, _ = read_records(str(hh_path), on_bad_record="skip")
     enc = Encoder(bpe_tokenizer)
-    drops = sum(enc.encode_pair(r).chosen.prompt_len >= 64 for r in records)
-    assert 0 < drops < 199
-    assert f"(max_length=64, max_prompt_length=None, mode=keep_start): {drops} of 199 examples would be dropped" in out
-    rc, out = run(hh_path, "--tokenizer", bpe_tokenizer_dir, "--max-length", 64, "--truncation-mode", "keep_end")
+    drops = sum(truncate(enc.encode_pair(r), max_length=64, max_prompt_length=32, mode="keep_start") is None
+                for r in records)
+    assert f"(max_length=64, max_prompt_length=32, mode=keep_start): {drops} of 199 examples would be dropped" in out
+    rc, out = run(hh_path, "--tokenizer", bpe_tokenizer_dir, "--max-length", 64, "--max-prompt-length", 32,
+                  "--truncation-mode", "keep_end")
     assert "0 of 199 examples would be dropped" in out
 
 
@@ -64,6 +66,13 @@ def test_unusable_arguments_exit_2(tmp_path, capsys):
     assert "max_prompt_length must lie in" in capsys.readouterr().err
     assert run(path, "--format", "csv")[0] == 2
     assert "invalid choice: 'csv'" in capsys.readouterr().err
+
+
+def test_no_usable_record_is_an_error_as_in_the_trainer(tmp_path, capsys):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("")
+    assert run(path)[0] == 1
+    assert "no usable record: the trainer would refuse this data" in capsys.readouterr().err
 
 
 def test_module_entry_point(tmp_path):

@@ -100,7 +100,8 @@ def test_sharding_fn_places_params_on_a_mesh(llama):
         np.testing.assert_array_equal(_params(sharded)[k], v, err_msg=str(k))
     graphdef, params = nnx.split(sharded)
     logits = jax.jit(lambda p: nnx.merge(graphdef, p)(IDS, MASK))(params)
-    np.testing.assert_allclose(np.asarray(logits), np.asarray(model(IDS, MASK)), rtol=0, atol=1e-5)
+    # Sharded matmuls sum their partial products in another order: float32 rounding, relative.
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(model(IDS, MASK)), rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_compute_runs_and_stays_close(llama):

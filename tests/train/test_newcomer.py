@@ -113,3 +113,24 @@ def test_sft_trains_on_the_chosen_responses_of_preference_data(make_config, tmp_
         assert example.sequence.prompt_len == pair.chosen.prompt_len
     result = train(config, tmp_path / "run")
     assert result.status == "finished" and math.isfinite(result.train_metrics["loss"])
+
+
+def test_data_check_and_the_trainer_share_options_and_defaults(make_config, tmp_path, records):
+    """Renamed columns work in the trainer as in data.check, with the same length defaults."""
+    from jaxalign.data.check import _parser
+    from jaxalign.train.config import base_config
+
+    args = _parser().parse_args(["x.jsonl"])
+    data = base_config().data
+    assert (args.max_length, args.max_prompt_length) == (data.max_length, data.max_prompt_length)
+    assert (args.prompt_key, args.chosen_key, args.rejected_key) == (data.prompt_key, data.chosen_key,
+                                                                     data.rejected_key)
+    path = tmp_path / "renamed.jsonl"
+    path.write_text("".join(json.dumps({"question": r["prompt"], "good": r["chosen"], "bad": r["rejected"]}) + "\n"
+                            for r in records), encoding="utf-8")
+    config = make_config(**{"data.train": str(path), "data.eval_pairs": 0})
+    with pytest.raises(RunError, match="renamed.jsonl:1"):
+        prepare(config, str(tmp_path / "a"))
+    renamed = make_config(**{"data.train": str(path), "data.eval_pairs": 0, "data.prompt_key": "question",
+                             "data.chosen_key": "good", "data.rejected_key": "bad"})
+    assert len(prepare(renamed, str(tmp_path / "b")).train_loader.examples) == len(records)

@@ -16,13 +16,11 @@ from jaxalign.models import from_pretrained
 from jaxalign.tokenizers import load_tokenizer
 from jaxalign.train.config import base_config
 from jaxalign.data.batching import stack_micro_batches
-from jaxalign.objectives import from_config
+from jaxalign.objectives import STEP_KEYS, from_config
 from jaxalign.scoring.forward import Forward
 from jaxalign.train.optimizer import make_optimizer
 from jaxalign.train.state import init_state
 from jaxalign.train.step import make_eval_step, make_train_step
-
-DEVICE_KEYS = ("input_ids", "positions", "segment_ids", "loss_mask", "sequence_ids", "pair_mask")
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +44,7 @@ def batches(rows, tokenizer, tmp_path, *, batch_size: int, packing=False):
         str(path), tokenizer, batch_size=batch_size, max_length=64, max_prompt_length=32, family=family,
         buckets=(64,), packing=packing, shuffle=False, pack_rows=2 * batch_size if packing else None,
     )
-    return [{k: v for k, v in next(loader).items() if k in DEVICE_KEYS} for _ in range(-(-len(rows) // batch_size))]
+    return [{k: v for k, v in next(loader).items() if k in STEP_KEYS} for _ in range(-(-len(rows) // batch_size))]
 
 
 def sgd_step(model_parts, loss_name: str, micro_batches, *, reference_mode="frozen", ref_params=None, head=False):
