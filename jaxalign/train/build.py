@@ -141,8 +141,17 @@ def check_context(config: ml_collections.ConfigDict) -> None:
 
 
 def build_tokenizer(config: ml_collections.ConfigDict) -> Any:
-    """The tokenizer of ``model.tokenizer`` (or ``model.path``)."""
-    return load_tokenizer(config.model.tokenizer or config.model.path)
+    """The tokenizer of ``model.tokenizer`` (or ``model.path``); ``RunError`` when it has ids
+    beyond the model's vocabulary (an embedding lookup would silently clamp them)."""
+    tokenizer = load_tokenizer(config.model.tokenizer or config.model.path)
+    vocab = models.load_config(config.model.path).vocab_size
+    if len(tokenizer) > vocab:
+        raise RunError(
+            f"the tokenizer ({config.model.tokenizer or config.model.path}) has {len(tokenizer)} tokens, more than "
+            f"the model's vocabulary of {vocab} (vocab_size in {config.model.path}/config.json): token ids past "
+            f"{vocab - 1} have no embedding. Use the model's own tokenizer (model.tokenizer)"
+        )
+    return tokenizer
 
 
 def build_data(config: ml_collections.ConfigDict, tokenizer: Any, mesh: Mesh) -> Loaders:

@@ -92,12 +92,6 @@ def test_help_lists_the_recipes_and_print_config_documents_every_key(capsys):
     assert "steps = 3  # total optimizer steps; 0 = derive from `epochs`" in lines
 
 
-def test_the_default_run_directory_is_the_same_for_the_same_command():
-    from jaxalign.train.cli import default_workdir
-
-    assert default_workdir("configs/dpo.py") == default_workdir("configs/dpo.py") == os.path.join("runs", "dpo")
-
-
 def test_sft_trains_on_the_chosen_responses_of_preference_data(make_config, tmp_path, data_file, records):
     """The SFT recipe accepts preference pairs (the usual step before DPO): prompt + chosen."""
     from jaxalign.data.dataset import load_dataset
@@ -134,3 +128,14 @@ def test_data_check_and_the_trainer_share_options_and_defaults(make_config, tmp_
     renamed = make_config(**{"data.train": str(path), "data.eval_pairs": 0, "data.prompt_key": "question",
                              "data.chosen_key": "good", "data.rejected_key": "bad"})
     assert len(prepare(renamed, str(tmp_path / "b")).train_loader.examples) == len(records)
+
+
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(make_config, tmp_path):
+    """Ids past the embedding would be clamped silently by the lookup: refused at start-up."""
+    from jaxalign.tokenizers import build_bpe_tokenizer, load_tokenizer
+
+    build_bpe_tokenizer(tmp_path / "big", vocab_size=4096)  # trained on the HH-RLHF fixture
+    config = make_config(**{"model.tokenizer": str(tmp_path / "big")})
+    assert len(load_tokenizer(tmp_path / "big")) > 1024
+    with pytest.raises(RunError, match=r"has \d+ tokens, more than the model's vocabulary of \d+"):
+        prepare(config, str(tmp_path / "w"))
