@@ -81,13 +81,14 @@ class CausalLM(nnx.Module):
         return KVCache.empty(c.num_layers, batch_size, size, c.num_kv_heads, c.head_dim, c.dtype)
 
     def decode(self, input_ids: jax.Array, cache: KVCache, *, positions: jax.Array,
-               segment_ids: jax.Array) -> tuple[jax.Array, KVCache]:
+               segment_ids: jax.Array, logits_at: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
         """Run ``input_ids [B, T]`` against ``cache``, writing them at its next ``T`` slots.
 
         Prefill is a call with the whole (left- or right-padded) prompt into an empty cache; a
-        decode step is a call with one token per row. Returns float32 logits ``[B, T, V]`` and
-        the updated cache. The caller sizes the cache: writing past its end is an error when
-        the index is concrete (and is clamped by XLA under ``jit``).
+        decode step is a call with one token per row. Returns float32 logits ``[B, T, V]`` (or,
+        with ``logits_at [B]``, ``[B, 1, V]`` at those positions only: a prefill needs just the
+        last token's) and the updated cache. The caller sizes the cache: writing past its end
+        is an error when the index is concrete (and is clamped by XLA under ``jit``).
         """
         t = input_ids.shape[1]
         start = cache.index
@@ -106,6 +107,8 @@ class CausalLM(nnx.Module):
             x, (k, v) = block(x, encoding, mask, (k, v), start)
             keys.append(k)
             values.append(v)
+        if logits_at is not None:
+            x = x[jnp.arange(x.shape[0]), logits_at][:, None]
         logits = self.logits(self.final_norm(x))
         return logits, KVCache(tuple(keys), tuple(values), all_segments, all_positions, start + t)
 

@@ -1,5 +1,11 @@
-"""Generation with a KV cache: ``generate(model, prompt_ids, prompt_mask, ...) -> Generation``."""
+"""Generation from a model's parameters: the decode loop (``decode``), one batch (``generate``)
+and many prompts, ``n`` samples each, seeded, bucketed and sharded (``sample``)."""
 
-from jaxalign.sampling.generate import Generation, filter_logits, generate, sample_tokens
+from jaxalign.sampling.decode import FINISH_LENGTH, FINISH_STOP, Generation, decode, filter_logits, sample_tokens
+from jaxalign.sampling.generate import generate
+from jaxalign.sampling.sampler import Samples, SamplingConfig, sample
 
-__all__ = ["Generation", "filter_logits", "generate", "sample_tokens"]
+__all__ = [
+    "FINISH_LENGTH", "FINISH_STOP", "Generation", "Samples", "SamplingConfig", "decode", "filter_logits", "generate",
+    "sample", "sample_tokens",
+]

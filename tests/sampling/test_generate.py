@@ -127,14 +127,16 @@ def test_sample_tokens_follows_the_tempered_distribution():
     logits = jnp.broadcast_to(jnp.log(jnp.asarray(probs, jnp.float32)), (n, 3))
     key = jax.random.key(3)
 
+    keys = jax.random.split(key, n)
+
     def freq(**kw):
-        return np.bincount(np.asarray(sample_tokens(logits, key, **kw)), minlength=3) / n
+        return np.bincount(np.asarray(sample_tokens(logits, keys, **kw)), minlength=3) / n
 
     np.testing.assert_allclose(freq(temperature=1.0), probs, atol=0.015)
     tempered = probs ** 0.5 / (probs ** 0.5).sum()
     np.testing.assert_allclose(freq(temperature=2.0), tempered, atol=0.015)
     np.testing.assert_allclose(freq(temperature=1.0, top_k=2), [0.625, 0.375, 0.0], atol=0.015)
-    assert (np.asarray(sample_tokens(logits[:4], key, temperature=0.0)) == 0).all()
+    assert (np.asarray(sample_tokens(logits[:4], keys[:4], temperature=0.0)) == 0).all()
 
 
 def test_invalid_arguments(llama):
