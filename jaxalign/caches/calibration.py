@@ -3,7 +3,7 @@
 With ``loss.vpo_calibration = "reference_samples"`` VPO's value regulariser is evaluated on
 ``y_cal ~ pi_ref(. | x)``: one response per training (and held-out) prompt, sampled once before
 training from the reference model (temperature 1, at most ``loss.vpo_max_new_tokens`` tokens,
-stopping at EOS) with ``jaxalign.sampling.generate``. Each example then carries a third
+stopping at EOS) with ``jaxalign.sampling.sample``. Each example then carries a third
 sequence, prompt + sample (``CalibratedPair``); the data pipeline batches it like the other
 two, so its sequence id is ``2P + p`` and the step sums its log-probs like any completion.
 
@@ -19,14 +19,14 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import jax
 import numpy as np
+from flax import nnx
 
 from jaxalign.caches.fingerprint import fingerprint
 from jaxalign.caches.store import ArrayStore
 from jaxalign.data.encoding import EncodedPair, EncodedSequence
 from jaxalign.data.loader import Loader
-from jaxalign.sampling import generate
+from jaxalign.sampling import SamplingConfig, sample
 
 __all__ = ["CalibratedPair", "attach_samples", "calibrated_loader", "load_or_sample", "sample_calibration"]
 
@@ -60,31 +60,17 @@ def sample_calibration(
     seed: int,
     batch_size: int = 16,
 ) -> list[np.ndarray]:
-    """One sampled completion (int32 ids, EOS included when emitted) per pair's chosen prompt.
-
-    Prompts are left-padded in batches of ``batch_size``; pair ``i`` of the list uses the key
-    ``fold_in(PRNGKey(seed), batch)``. A completion is cut so that prompt + completion fits
-    ``max_length``.
-    """
-    samples: list[np.ndarray] = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = list(pairs[start : start + batch_size])
-        prompts = [_prompt(p) for p in chunk] + [_prompt(chunk[0])] * (batch_size - len(chunk))
-        width = max(len(p) for p in prompts)
-        ids = np.full((batch_size, width), pad_id, np.int32)
-        mask = np.zeros((batch_size, width), np.int32)
-        for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt) :] = prompt
-            mask[row, width - len(prompt) :] = 1
-        rng = jax.random.fold_in(jax.random.PRNGKey(seed), start // batch_size)
-        out = generate(
-            model, ids, mask, max_new_tokens=max_new_tokens, temperature=1.0, eos_ids=(eos_id,), rng=rng, pad_id=pad_id
-        )
-        tokens, valid = np.asarray(jax.device_get(out.tokens)), np.asarray(jax.device_get(out.mask))
-        for row, pair in enumerate(chunk):
-            sample = tokens[row][valid[row] == 1]
-            samples.append(sample[: max(max_length - len(_prompt(pair)), 1)].astype(np.int32))
-    return samples
+    """One sampled completion (int32 ids, EOS included when emitted) per pair's chosen prompt,
+    at temperature 1 (``jaxalign.sampling.sample``: pair ``i``'s sample is seeded by ``(seed,
+    i)``). A completion is cut so that prompt + completion fits ``max_length``."""
+    graphdef, params = nnx.split(model)
+    prompts = [_prompt(p) for p in pairs]
+    buckets = tuple(b for b in (64, 128, 256, 512, 1024, 2048, 4096) if b < max_length) + (max_length,)
+    config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed, stop_ids=(eos_id,),
+                            pad_id=pad_id, batch_size=batch_size, buckets=buckets)
+    out = sample(graphdef, params, prompts, config)
+    return [out.tokens[i, 0][out.mask[i, 0] == 1][: max(max_length - len(prompt), 1)].astype(np.int32)
+            for i, prompt in enumerate(prompts)]
 
 
 def attach_samples(pairs: Sequence[EncodedPair], samples: Sequence[np.ndarray]) -> list[CalibratedPair]:
