@@ -16,6 +16,7 @@ LAYERS = {
     **dict.fromkeys(("caches", "objectives"), 3),
     "train": 4,
     **dict.fromkeys(("online", "bench"), 5),
+    "sample": 5,
 }
 
 

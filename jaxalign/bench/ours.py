@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["OursBench", "OursVariant", "ablation_ladder", "bucket_ladder", "with_tcmalloc", "without_huge_pages"]
+__all__ = ["OursBench", "OursVariant", "ablation_ladder", "with_tcmalloc", "without_huge_pages"]
 
 
 @dataclass(frozen=True)
@@ -67,15 +67,6 @@ def without_huge_pages(variant: OursVariant) -> OursVariant:
     return dataclasses.replace(variant, name="jaxalign/-huge-pages", huge_pages=False)
 
 
-def bucket_ladder(max_length: int, smallest: int = 64) -> tuple[int, ...]:
-    """Row-length buckets: powers of two from ``smallest`` below ``max_length``, then ``max_length``."""
-    out, b = [], smallest
-    while b < max_length:
-        out.append(b)
-        b *= 2
-    return (*out, max_length)
-
-
 def ablation_ladder() -> list[OursVariant]:
     """The trainer's throughput features switched on one at a time, each variant adding one
     to the previous: ``+reference-cache`` has every feature in float32, ``+bfloat16`` computes
@@ -101,6 +92,7 @@ def make_config(workload: dict[str, Any], variant: OursVariant, *, batch: int, s
                 cache_dir: str = ""):
     """The trainer config of ``variant`` on the workload (validated). ``cache_dir``: where the
     reference log-prob cache is kept ("" = the run directory's)."""
+    from jaxalign.data.batching import bucket_ladder
     from jaxalign.train.config import base_config, validate
 
     max_length = workload["max_length"]

@@ -24,6 +24,7 @@ from flax import nnx
 
 from jaxalign.caches.fingerprint import fingerprint
 from jaxalign.caches.store import ArrayStore
+from jaxalign.data.batching import bucket_ladder
 from jaxalign.data.encoding import EncodedPair, EncodedSequence
 from jaxalign.data.loader import Loader
 from jaxalign.sampling import SamplingConfig, sample
@@ -65,9 +66,8 @@ def sample_calibration(
     i)``). A completion is cut so that prompt + completion fits ``max_length``."""
     graphdef, params = nnx.split(model)
     prompts = [_prompt(p) for p in pairs]
-    buckets = tuple(b for b in (64, 128, 256, 512, 1024, 2048, 4096) if b < max_length) + (max_length,)
     config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed, stop_ids=(eos_id,),
-                            pad_id=pad_id, batch_size=batch_size, buckets=buckets)
+                            pad_id=pad_id, batch_size=batch_size, buckets=bucket_ladder(max_length))
     out = sample(graphdef, params, prompts, config)
     return [out.tokens[i, 0][out.mask[i, 0] == 1][: max(max_length - len(prompt), 1)].astype(np.int32)
             for i, prompt in enumerate(prompts)]

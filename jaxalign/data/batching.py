@@ -37,6 +37,7 @@ from jaxalign.data.encoding import EncodedExample, EncodedPair, EncodedSequence
 __all__ = [
     "BATCH_KEYS",
     "MASK_MODES",
+    "bucket_ladder",
     "bucket_length",
     "loss_mask",
     "packed_batch",
@@ -55,6 +56,15 @@ BATCH_KEYS = ("input_ids", "positions", "segment_ids", "loss_mask", "sequence_id
 Placement = tuple[tuple[int, int], ...]
 # A side array's layout: its trailing shape (after the token axis) and dtype.
 SideSpec = tuple[tuple[int, ...], np.dtype]
+
+
+def bucket_ladder(limit: int, smallest: int = 64) -> tuple[int, ...]:
+    """Padded lengths: powers of two from ``smallest`` below ``limit``, then ``limit``."""
+    out, b = [], smallest
+    while b < limit:
+        out.append(b)
+        b *= 2
+    return (*out, limit)
 
 
 def bucket_length(n: int, buckets: Sequence[int]) -> int:

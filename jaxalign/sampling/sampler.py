@@ -133,8 +133,9 @@ def sample(graphdef: nnx.GraphDef, params: Any, prompts: Sequence[np.ndarray], c
            mesh: Mesh | None = None, prompt_indices: Sequence[int] | None = None,
            progress: Callable[[int, int], None] | None = None) -> Samples:
     """``config.num_samples`` completions of each of this process's ``prompts`` (int token ids,
-    each non-empty); see the module docstring. ``progress(prompts_done, tokens_generated)`` is
-    called after every program call."""
+    each non-empty); see the module docstring. ``progress(prompts_done, tokens)`` is
+    called after every program call with the prompts done so far and the tokens that call
+    generated."""
     n, t = config.num_samples, config.max_new_tokens
     lengths = np.asarray([len(p) for p in prompts], np.int64)
     if len(prompts) and lengths.min() < 1:

@@ -38,6 +38,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import warnings
 from typing import Any
 
@@ -132,6 +133,11 @@ def state_checksums(tree: Any) -> dict[str, int]:
         return {}
     values = np.asarray(jax.device_get(_checksums([leaf for _, leaf in flat])))
     return {jax.tree_util.keystr(path): int(v) for (path, _), v in zip(flat, values)}
+
+
+def _dict_path(key: str) -> str:
+    """A ``keystr`` path with attribute steps (``.params``) written as dict keys (``['params']``)."""
+    return re.sub(r"\.(\w+)", r"['\1']", key)
 
 
 def _first_line(error: BaseException, limit: int = 300) -> str:
@@ -235,21 +241,27 @@ class RunCheckpoints:
                     return f"{name} is unreadable ({_first_line(e)})"
         return None
 
-    def restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
+    def restore(self, step: int, target: Any, *, partial: bool = False) -> tuple[Any, dict[str, Any]]:
         """``(state, meta)`` saved at ``step``, placed like ``target`` (a state or ``abstract_like(state)``).
 
+        ``partial``: ``target`` is a nested dict of a part of the state (e.g. ``{"params":
+        {"model": abstract_params}}``, the policy alone); only that part is read and checked.
         Raises ``UnusableCheckpoint`` when the files are incomplete, unreadable, or their
         arrays do not match the saved checksums.
         """
         problem = self.problem(step)
         if problem:
             raise UnusableCheckpoint(step, problem)
+        abstract = abstract_like(target)
+        if partial:
+            state_args = ocp.args.PyTreeRestore(
+                item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True
+            )
+        else:
+            state_args = ocp.args.StandardRestore(abstract)
         try:
             restored = self._manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_like(target)), meta=ocp.args.JsonRestore()
-                ),
+                step, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore())
             )
         except Exception as e:  # Orbax/TensorStore raise many types for damaged files
             raise UnusableCheckpoint(step, f"reading it failed ({_first_line(e)})") from e
@@ -259,6 +271,10 @@ class RunCheckpoints:
         saved = meta.pop("checksums", None)
         if saved is not None:
             read = state_checksums(state)
+            if partial:  # dict paths (['params']) against the state's attribute paths (.params)
+                saved = {_dict_path(k): v for k, v in saved.items()}
+                read = {_dict_path(k): v for k, v in read.items()}
+                saved = {k: v for k, v in saved.items() if k in read}
             differing = sorted(k for k in set(saved) | set(read) if saved.get(k) != read.get(k))
             if differing:
                 raise UnusableCheckpoint(
@@ -266,12 +282,14 @@ class RunCheckpoints:
                 )
         return state, meta
 
-    def restore_latest(self, target: Any) -> Restored | None:
-        """The newest usable checkpoint, restored like ``target``; None when there is none at all.
+    def restore_latest(self, target: Any, *, partial: bool = False, set_aside: bool = True) -> Restored | None:
+        """The newest usable checkpoint, restored like ``target`` (``partial``: see ``restore``);
+        None when there is none at all.
 
         Unusable newer steps are reported (``UnusableCheckpointWarning``) and, once an older one
-        restored, renamed to ``<step>.unusable``. Raises ``CheckpointError`` when checkpoints
-        exist but none is usable (nothing is renamed then).
+        restored, renamed to ``<step>.unusable`` (unless ``set_aside`` is False: a reader such as
+        the sampler changes nothing). Raises ``CheckpointError`` when checkpoints exist but none
+        is usable (nothing is renamed then).
         """
         main = jax.process_index() == 0
         base = pathlib.Path(self.directory)
@@ -285,7 +303,7 @@ class RunCheckpoints:
         skipped: list[UnusableCheckpoint] = []
         for step in steps:
             try:
-                state, meta = self.restore(step, target)
+                state, meta = self.restore(step, target, partial=partial)
             except UnusableCheckpoint as e:
                 skipped.append(e)
                 if main:
@@ -294,7 +312,7 @@ class RunCheckpoints:
                         "trying the previous one", UnusableCheckpointWarning, stacklevel=2,
                     )
                 continue
-            if skipped:
+            if skipped and set_aside:
                 self._set_aside([e.step for e in skipped])
             return Restored(step=step, state=state, meta=meta, skipped=skipped)
         if skipped:

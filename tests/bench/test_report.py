@@ -2,7 +2,8 @@
 
 import pytest
 
-from jaxalign.bench.ours import ablation_ladder, bucket_ladder
+from jaxalign.bench.ours import ablation_ladder
+from jaxalign.data.batching import bucket_ladder
 from jaxalign.bench.report import markdown, summarize
 
 

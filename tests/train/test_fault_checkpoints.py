@@ -18,6 +18,7 @@ from jaxalign import parallel
 from jaxalign.train.checkpoint import (
     CheckpointError,
     RunCheckpoints,
+    UnusableCheckpoint,
     UnusableCheckpointWarning,
     abstract_like,
     state_checksums,
@@ -99,6 +100,30 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(damage, mesh, 
     checkpoints.save(2, _state(2, mesh), {"step": 2})
     checkpoints.close()
     assert RunCheckpoints(directory).restore_latest(target).step == 2
+
+
+def test_a_partial_restore_reads_and_checks_only_its_part(mesh, tmp_path):
+    """The sampler's read: one array of the state, checked against its saved checksum; a damaged
+    newest step is skipped and, for a reader, left where it is."""
+    directory = tmp_path / "checkpoints"
+    saved = RunCheckpoints(directory, async_save=False)
+    for step in (1, 2):
+        saved.save(step, _state(step, mesh), {"step": step})
+    saved.close()
+    _overwrite_middle(str(directory / "2"))  # the largest array: "w"
+    checkpoints = RunCheckpoints(directory)
+    target = {"w": abstract_like(_state(0, mesh))["w"]}
+    with pytest.raises(UnusableCheckpoint, match="differ from their saved checksum"):
+        checkpoints.restore(2, target, partial=True)
+    with pytest.warns(UnusableCheckpointWarning, match=r"step 2 .* differ from their saved checksum"):
+        restored = checkpoints.restore_latest(target, partial=True, set_aside=False)
+    assert restored.step == 1 and list(restored.state) == ["w"]
+    assert np.array_equal(np.asarray(restored.state["w"]), np.asarray(_state(1, mesh)["w"]))
+    assert restored.state["w"].sharding == _state(1, mesh)["w"].sharding
+    assert sorted(os.listdir(directory)) == ["1", "2"]  # nothing set aside
+    b_only = checkpoints.restore(2, {"b": abstract_like(_state(0, mesh))["b"]}, partial=True)[0]
+    assert np.array_equal(np.asarray(b_only["b"]), np.asarray(_state(2, mesh)["b"]))  # the intact part reads
+    checkpoints.close()
 
 
 def test_all_checkpoints_unusable_is_an_error_and_nothing_is_moved(mesh, tmp_path):
