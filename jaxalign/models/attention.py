@@ -63,9 +63,11 @@ def make_attention_mask(
 
 
 def dot_product_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, *, query_block: int = 0
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, *, query_block: int = 0,
+    head_major: bool = False,
 ) -> jax.Array:
-    """``softmax(q k^T * scale, masked) v`` with ``q [B, Lq, H, Dh]``, ``k, v [B, Lk, KV, Dh]``.
+    """``softmax(q k^T * scale, masked) v`` with ``q [B, Lq, H, Dh]``, ``k, v [B, Lk, KV, Dh]``
+    (``head_major``: ``[B, KV, Lk, Dh]``, the KV cache's layout).
 
     Query head ``h`` uses key/value head ``h // (H / KV)`` (HF's ``repeat_kv`` order). Scores and
     the softmax are float32; masked scores are the float32 minimum, so a fully masked (padding)
@@ -77,6 +79,8 @@ def dot_product_attention(
     anyway, so real queries get the same result while about half of the ``[B, H, L, L]``
     score matrix is never formed, and each block's scores stay small enough for the cache.
     """
+    if head_major:
+        return _attention(q, k, v, mask, scale, head_major=True)
     lq, lk = q.shape[1], k.shape[1]
     if query_block <= 0 or lq != lk or lq <= query_block:
         return _attention(q, k, v, mask, scale)
@@ -87,18 +91,20 @@ def dot_product_attention(
     return jnp.concatenate(outs, axis=1)
 
 
-def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
+               head_major: bool = False) -> jax.Array:
     """One masked attention over all the given keys. The weights ``exp(s - max s)`` are left
     unnormalised through the value product and the output is divided by their sum after it:
     one pass less over the ``[B, H, Lq, Lk]`` scores than normalising them first (the max is
     a constant shift, so it carries no gradient)."""
-    groups = q.shape[2] // k.shape[2]
+    head_axis, kv = (1, "bhkd") if head_major else (2, "bkhd")
+    groups = q.shape[2] // k.shape[head_axis]
     if groups > 1:  # HF's repeat_kv: query head h reads key/value head h // groups
-        k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+        k, v = jnp.repeat(k, groups, axis=head_axis), jnp.repeat(v, groups, axis=head_axis)
+    scores = jnp.einsum(f"bqhd,{kv}->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask[:, None, :, :], scores, jnp.finfo(jnp.float32).min)
     peak = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
     weights = jnp.exp(scores - peak)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = jnp.einsum(f"bhqk,{kv}->bqhd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
     total = jnp.moveaxis(jnp.sum(weights, axis=-1), 1, 2)  # [B, Lq, H]
     return (out / total[..., None]).astype(v.dtype)

@@ -9,7 +9,8 @@ from flax import struct
 
 @struct.dataclass
 class KVCache:
-    """Per-layer keys/values ``[B, S, KV, Dh]`` plus, per slot, the segment id and position.
+    """Per-layer keys/values ``[B, KV, S, Dh]`` (head-major: a decode step reads each head's keys
+    contiguously, with no transpose of the cache) plus, per slot, the segment id and position.
 
     Slots ``[0, index)`` are written; unwritten slots have segment id 0, so attention ignores
     them. A decode call writes its tokens at slots ``index, index + 1, ...`` and advances
@@ -28,7 +29,7 @@ class KVCache:
 
     @classmethod
     def empty(cls, num_layers: int, batch: int, size: int, kv_heads: int, head_dim: int, dtype) -> KVCache:
-        zeros = jnp.zeros((batch, size, kv_heads, head_dim), dtype)
+        zeros = jnp.zeros((batch, kv_heads, size, head_dim), dtype)
         return cls(
             keys=(zeros,) * num_layers,
             values=(zeros,) * num_layers,
@@ -38,6 +39,7 @@ class KVCache:
         )
 
 
-def write_slots(buffer: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
-    """Write ``new [B, T, ...]`` into ``buffer [B, S, ...]`` at slots ``index .. index + T - 1``."""
-    return jax.lax.dynamic_update_slice_in_dim(buffer, new.astype(buffer.dtype), index, axis=1)
+def write_slots(buffer: jax.Array, new: jax.Array, index: jax.Array, axis: int = 1) -> jax.Array:
+    """Write ``new`` into ``buffer`` at slots ``index .. index + T - 1`` of ``axis`` (``[B, S]``
+    per-slot arrays: axis 1; head-major keys/values ``[B, KV, S, Dh]``: axis 2)."""
+    return jax.lax.dynamic_update_slice_in_dim(buffer, new.astype(buffer.dtype), index, axis=axis)

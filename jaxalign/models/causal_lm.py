@@ -118,5 +118,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, kv, index,
     see ``dot_product_attention``) or over the cache with them written in."""
     if kv is None:
         return dot_product_attention(q, k, v, mask, scale, query_block=query_block), None
-    k_all, v_all = write_slots(kv[0], k, index), write_slots(kv[1], v, index)
-    return dot_product_attention(q, k_all, v_all, mask, scale), (k_all, v_all)
+    # The cache is head-major [B, KV, S, Dh]: only this call's few tokens are transposed.
+    k_all = write_slots(kv[0], jnp.swapaxes(k, 1, 2), index, axis=2)
+    v_all = write_slots(kv[1], jnp.swapaxes(v, 1, 2), index, axis=2)
+    return dot_product_attention(q, k_all, v_all, mask, scale, head_major=True), (k_all, v_all)

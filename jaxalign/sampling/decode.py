@@ -76,11 +76,23 @@ def filter_logits(logits: jax.Array, *, top_k: int | None = None, top_p: float |
 def sample_tokens(logits: jax.Array, keys: jax.Array, *, temperature: float | jax.Array, top_k: int | None = None,
                   top_p: float | jax.Array | None = None) -> jax.Array:
     """One token per row of ``logits [R, V]``, row ``r`` drawn with ``keys[r]``: argmax when
-    ``temperature == 0``, else a sample from ``softmax(filter_logits(logits / temperature))``."""
+    ``temperature == 0`` (no random draw at all), else a sample from ``p =
+    softmax(filter_logits(logits / temperature))`` by inversion: the first token whose
+    cumulative ``p`` exceeds one uniform ``u * sum(p)`` (one random number per row, not one
+    per vocabulary entry as Gumbel-max needs)."""
     temperature = jnp.asarray(temperature, jnp.float32)
-    scaled = filter_logits(logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6), top_k=top_k, top_p=top_p)
-    drawn = jax.vmap(jax.random.categorical)(keys, scaled)
-    return jnp.where(temperature == 0, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
+
+    def draw(x: jax.Array) -> jax.Array:
+        scaled = filter_logits(x.astype(jnp.float32) / temperature, top_k=top_k, top_p=top_p)
+        cdf = jnp.cumsum(jax.nn.softmax(scaled, axis=-1), axis=-1)
+        u = jax.vmap(lambda key: jax.random.uniform(key, ()))(keys) * cdf[:, -1]
+        token = jax.vmap(lambda c, v: jnp.searchsorted(c, v, side="right"))(cdf, u)
+        return jnp.minimum(token, x.shape[-1] - 1).astype(jnp.int32)
+
+    def greedy(x: jax.Array) -> jax.Array:
+        return jnp.argmax(x, axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(temperature == 0, greedy, draw, logits)
 
 
 def _compute_dtype_params(graphdef: nnx.GraphDef, params):
