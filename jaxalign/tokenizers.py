@@ -20,6 +20,7 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "QWEN2_5_CHAT_TEMPLATE",
@@ -28,6 +29,7 @@ __all__ = [
     "build_qwen_tokenizer",
     "load_tokenizer",
     "qwen_tiktoken_path",
+    "stop_ids",
 ]
 
 # Qwen2.5's pre-tokenization regex (single digits, unlike GPT-4's \p{N}{1,3}).
@@ -275,3 +277,29 @@ def build_bpe_tokenizer(
     )
     tok.save_pretrained(str(out_dir))
     return Path(out_dir)
+
+
+# End-of-turn tokens of common chat templates: stop ids when the template holds them.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+
+
+def stop_ids(tokenizer: Any, model_path: str | None = None) -> tuple[int, ...]:
+    """The tokenizer's EOS, the end-of-turn tokens its chat template uses and the ``eos_token_id``
+    of the model's ``config.json`` (an id or a list), deduplicated: the ids that end a sampled
+    completion."""
+    ids: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str):
+        for token in END_OF_TURN:
+            if token in template:
+                found = tokenizer.convert_tokens_to_ids(token)
+                if found is not None and found != tokenizer.unk_token_id:
+                    ids.append(int(found))
+    config = os.path.join(model_path, "config.json") if model_path else ""
+    if config and os.path.isfile(config):
+        with open(config, encoding="utf-8") as f:
+            eos = json.load(f).get("eos_token_id")
+        ids += [int(i) for i in (eos if isinstance(eos, list) else [eos]) if isinstance(i, int)]
+    return tuple(dict.fromkeys(ids))

@@ -10,6 +10,10 @@ implicit reward (0 at step 0, since the policy equals the reference) climbs towa
 (standard format: ``prompt``, ``chosen``, ``rejected`` strings) to
 ``WORKDIR/data/synthetic.jsonl``, deterministically from ``seed`` (for ``loss.name = "sft"``:
 SFT records with the chosen answer as the completion, ``WORKDIR/data/synthetic-sft.jsonl``).
+
+``synthetic_reward`` is the task's rule: +1 for a friendly phrase of the chosen answers, -1 for
+a dismissive phrase of the rejected ones, +0.5 when the answer names the prompt's topic; the
+online quickstart scores its held-out curve with it (``jaxalign.data.synthetic:synthetic_reward``).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import os
 
 import numpy as np
 
-__all__ = ["SYNTHETIC_SOURCE", "synthetic_records", "write_synthetic"]
+__all__ = ["SYNTHETIC_SOURCE", "synthetic_records", "synthetic_reward", "write_synthetic"]
 
 SYNTHETIC_SOURCE = "synthetic"
 
@@ -47,6 +51,24 @@ _REJECTED = (
     " Ugh, stop asking me about {t}. Figure it out yourself.",
     " Not my problem. Nobody wants to hear about {t}.",
 )
+
+
+_FRIENDLY = ("sure", "of course", "great question", "happy to help", "wonderful", "fascinating", "glad",
+             "friendly overview", "interesting")
+_DISMISSIVE = ("no.", "whatever", "ugh", "not my problem", "boring", "go away", "do not care", "figure it out",
+               "nobody wants", "stop asking")
+
+
+def synthetic_reward(prompts: list, completions: list[str], **_: object) -> list[float]:
+    """The synthetic task's rule per completion: ``[friendly] - [dismissive] + 0.5 [names the
+    prompt's topic]`` (case-insensitive phrase matches; in ``[-1, 1.5]``)."""
+    out = []
+    for prompt, completion in zip(prompts, completions, strict=True):
+        text = completion.lower()
+        topic = next((t for t in _TOPICS if t in str(prompt).lower()), None)
+        score = float(any(p in text for p in _FRIENDLY)) - float(any(p in text for p in _DISMISSIVE))
+        out.append(score + (0.5 if topic is not None and topic in text else 0.0))
+    return out
 
 
 def synthetic_records(num: int, seed: int) -> list[dict[str, str]]:

@@ -7,7 +7,6 @@ exit code: 0 done, 2 bad input (one line on stderr, no traceback).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -156,28 +155,14 @@ def _output_lines(records: list[Any], samples: Any, tokenizer: Any) -> list[dict
     return lines
 
 
-def write_atomically(path: str, lines: list[dict[str, Any]]) -> None:
-    """JSON lines to ``path.tmp-<pid>``, then renamed onto ``path``: a killed run leaves no
-    file at ``path`` that looks complete."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for line in lines:
-                f.write(json.dumps(line, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from jaxalign.data.batching import bucket_ladder
-    from jaxalign.sample.load import SampleError, load_policy, stop_ids
+    from jaxalign.data.jsonl import write_jsonl
+    from jaxalign.sample.load import SampleError, load_policy
     from jaxalign.sampling import FINISH_STOP, sample
+    from jaxalign.tokenizers import stop_ids
 
     _settings(args)  # bad numbers fail before anything is loaded
     out_dir = os.path.dirname(os.path.abspath(args.output))
@@ -205,7 +190,7 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     seconds = time.perf_counter() - start
-    write_atomically(args.output, _output_lines(records, samples, policy.tokenizer))
+    write_jsonl(args.output, _output_lines(records, samples, policy.tokenizer))
     total = int(samples.mask.sum())
     stopped = int((samples.finish == FINISH_STOP).sum())
     print(f"{len(prompts)} prompts x {config.num_samples} samples: {total} tokens in {seconds:.1f} s "

@@ -31,12 +31,10 @@ from jax.sharding import Mesh
 from jaxalign import models, parallel
 from jaxalign.tokenizers import load_tokenizer
 
-__all__ = ["Policy", "SampleError", "is_run_dir", "load_policy", "stop_ids"]
+__all__ = ["Policy", "SampleError", "is_run_dir", "load_policy"]
 
 RUN_CONFIG = "config.json"  # jaxalign.train.loop.CONFIG_FILE
 CHECKPOINTS, EXPORT = "checkpoints", "export"
-# End-of-turn tokens of common chat templates, stop ids when the template holds them.
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
 
 class SampleError(Exception):
@@ -155,22 +153,3 @@ def load_policy(path: str, *, mesh: Mesh, dtype: str | None = None, tokenizer: s
         return _from_run(path, mesh, dtype, tokenizer)
     graphdef, params, config = _from_hf(path, mesh, dtype or "float32")
     return Policy(graphdef, params, config, _tokenizer(tokenizer or path, config), f"checkpoint {path}", path)
-
-
-def stop_ids(tokenizer: Any, model_path: str | None = None) -> tuple[int, ...]:
-    """The tokenizer's EOS, the end-of-turn tokens its chat template uses and the ``eos_token_id``
-    of the model's ``config.json`` (an id or a list), deduplicated."""
-    ids: list[int] = []
-    if tokenizer.eos_token_id is not None:
-        ids.append(int(tokenizer.eos_token_id))
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, str):
-        for token in END_OF_TURN:
-            if token in template:
-                found = tokenizer.convert_tokens_to_ids(token)
-                if found is not None and found != tokenizer.unk_token_id:
-                    ids.append(int(found))
-    if model_path and os.path.isfile(os.path.join(model_path, "config.json")):
-        eos = _read_json(os.path.join(model_path, "config.json")).get("eos_token_id")
-        ids += [int(i) for i in (eos if isinstance(eos, list) else [eos]) if isinstance(i, int)]
-    return tuple(dict.fromkeys(ids))

@@ -48,7 +48,13 @@ __all__ = [
 
 
 class RunError(RuntimeError):
-    """A run cannot start or continue; the message says why and what to change."""
+    """A run cannot start or continue; the message says why and what to change. ``exit_code``:
+    the command's exit status (2: the run cannot start; 1: it failed on the way, e.g. a reward
+    function raised, with what it had computed kept on disk)."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclasses.dataclass

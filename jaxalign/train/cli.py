@@ -10,9 +10,11 @@ running the same command again resumes it. ``--help`` (``-h``) prints ``help_tex
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import ml_collections
 from absl import flags
@@ -29,7 +31,9 @@ RECIPES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.pa
 HELP = f"""{USAGE}
 
 Trains the recipe's model with its objective (SFT, DPO and the other pairwise preference
-losses, or a Bradley-Terry reward model; jaxalign/objectives).
+losses, or a Bradley-Terry reward model; jaxalign/objectives). With online.rounds > 0
+(configs/online_*.py) it runs the online loop instead: rounds of sampling from the policy,
+scoring, pairing and training (docs/online.md).
 
   --config FILE[:ARG]     recipe file defining get_config() (ARG is passed to it); required
   --config.KEY=VALUE      override one config field, e.g. --config.steps=100 or
@@ -50,7 +54,8 @@ or, with it unset, no GPU/TPU device file is present (/dev/nvidia*, /dev/kfd, /d
 /dev/vfio/<N>, ...). Turn it off with --config.huge_pages=False (or by setting
 glibc.malloc.hugetlb yourself in GLIBC_TUNABLES, e.g. =0).
 
-Exit codes: 0 done (or already finished), 2 bad command line/config or the run cannot
+Exit codes: 0 done (or already finished), 1 failed on the way (e.g. an online run's reward
+function raised; what was computed is kept), 2 bad command line/config or the run cannot
 start, 3 stopped after too many non-finite steps, 75 interrupted (checkpoint saved; run the
 same command again to resume).
 """
@@ -138,6 +143,17 @@ def parse_command_line(argv: Sequence[str], *, check: bool = True) -> tuple[ml_c
     return fv.config, fv.workdir, recipe
 
 
+# The drivers, by name: the offline trainer, and the online driver (``online.rounds > 0``). The
+# online driver sits above the trainer (docs/architecture.md, "Layering"); the command line
+# names it, as an entry point does, and imports it only when a config asks for it.
+DRIVERS = {"offline": "jaxalign.train.loop", "online": "jaxalign.online.driver"}
+
+
+def driver(config: ml_collections.ConfigDict) -> Any:
+    """The module whose ``train(config, workdir) -> RunResult`` runs ``config``."""
+    return importlib.import_module(DRIVERS["online" if config.online.rounds else "offline"])
+
+
 def default_workdir(recipe: str, root: str = "runs") -> str:
     """``runs/<recipe name>``: the same command resumes the same run."""
     name = os.path.splitext(os.path.basename(recipe.split(":", 1)[0]))[0] or "run"
@@ -169,14 +185,17 @@ def main(argv: Sequence[str] | None = None, *, reexec: bool = False) -> int:
         from jaxalign.runtime.huge_pages import reexec_with_huge_pages
 
         reexec_with_huge_pages()
-    from jaxalign.train.loop import RunError, train
+    from jaxalign.train.build import RunError
 
     workdir = workdir or default_workdir(recipe)
     try:
-        result = train(config, workdir)
-    except (ConfigError, RunError) as e:
+        result = driver(config).train(config, workdir)
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
     if result.is_main_process:
         print(result.summary(), flush=True)
     if result.message and result.is_main_process:

@@ -32,6 +32,7 @@ __all__ = [
     "flatten",
     "grad_accum_steps",
     "micro_batch_size",
+    "online_recipe",
     "preference_recipe",
     "validate",
 ]
@@ -125,6 +126,31 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.eps = 1e-8  # adamw epsilon
     c.optimizer.momentum = 0.0  # sgd momentum (0 = plain SGD)
 
+    c.online = ml_collections.ConfigDict()  # the online driver: rounds of sample -> score -> pair -> train (docs/online.md)
+    c.online.rounds = 0  # online rounds; 0 = offline training on the pairs of data.train (then no other online.* key is read)
+    c.online.prompts_per_round = 64  # prompts of data.train sampled per round, over all processes
+    c.online.samples_per_prompt = 4  # completions sampled per prompt (K)
+    c.online.max_new_tokens = 64  # most tokens per completion (prompts are cut to data.max_prompt_length)
+    c.online.temperature = 1.0  # sampling temperature (0 = greedy)
+    c.online.top_p = 1.0  # nucleus sampling (1 = off)
+    c.online.top_k = 0  # top-k sampling (0 = off)
+    c.online.sample_batch_size = 16  # prompts per sampler call, over all processes
+    c.online.reward_function = ""  # module:function or path/to/file.py:function, called fn(prompts, completions, **metadata) -> floats; several: comma-separated
+    c.online.reward_model = ""  # reward model: a Hugging Face sequence-classification checkpoint (a reward_model run's export) or a jaxalign reward-model run directory
+    c.online.reward_weights = ()  # weight of each reward, in order: the reward model, then each function (empty = all 1)
+    c.online.missing_eos_penalty = 0.0  # subtracted from the reward of a completion that reached max_new_tokens without a stop token
+    c.online.pair_rule = "best_worst"  # best_worst: highest vs lowest reward of the K | random: two of the K | all_pairs: every two of the K that differ by more than tie_margin
+    c.online.tie_margin = 0.0  # a pair whose rewards differ by <= this is a tie: dropped and counted
+    c.online.reference = "initial"  # the reference policy: initial (the starting policy, fixed) | previous_round (the policy at the start of each round)
+    c.online.train_on = "current_round"  # current_round: this round's pairs | all_rounds: every pair so far
+    c.online.epochs = 1  # passes over the training pairs per round
+    c.online.eval_prompts = 32  # prompts held out of data.train (data.eval when set) whose mean reward is eval/reward_mean (0 = no eval)
+    c.online.eval_reward_function = ""  # the reward of eval/reward_mean ("" = the training reward); same syntax as reward_function
+    c.online.bootstrap = ""  # "" | synthetic: first train an SFT policy and a reward model on the synthetic task (the online quickstart)
+    c.online.bootstrap_sft_steps = 100  # bootstrap: SFT steps on completions of mixed quality
+    c.online.bootstrap_reward_model_steps = 100  # bootstrap: Bradley-Terry reward-model steps on the task's pairs
+    c.online.bootstrap_learning_rate = 1e-3  # bootstrap: peak learning rate of both stages
+
     c.mesh = parallel.mesh_config()  # device mesh axes data, fsdp, tensor (see jaxalign.parallel)
     c.distributed = parallel.distributed_config()  # multi-host start-up (see jaxalign.parallel)
 
@@ -146,6 +172,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.debug = ml_collections.ConfigDict()  # TEST HOOKS for the fault-tolerance tests: leave empty in real runs
     c.debug.nan_at_steps = ()  # TEST HOOK: optimizer steps (1-based) whose gradients are replaced by NaN in the step
+    c.debug.kill_at = ""  # TEST HOOK: "ROUND:PHASE" (sample | score | train): an online run SIGKILLs itself there
 
     c.lock()
     return c
@@ -183,6 +210,41 @@ def preference_recipe(loss_name: str) -> ml_collections.ConfigDict:
     return c
 
 
+def online_recipe(loss_name: str) -> ml_collections.ConfigDict:
+    """``base_config()`` with the settings the online recipes (configs/online_dpo.py, ...) share.
+
+    RLHFlow's iterative DPO (docs/online.md §1): 3 rounds, K = 4 samples per prompt at
+    temperature 1, best vs worst pairs, the reference fixed at the initial policy, AdamW at
+    5e-7 with cosine decay, 2 epochs over each round's pairs; bfloat16 compute. The reference
+    log-probs are computed once per round over the round's samples (``precomputed``).
+    """
+    c = base_config()
+    c.log_every = 10
+    c.checkpoint_every = 100
+    c.data.max_length = 1024
+    c.data.max_prompt_length = 512
+    c.data.buckets = (256, 512, 1024)
+    c.data.batch_size = 64
+    c.data.micro_batch_size = 8
+    c.model.dtype = "bfloat16"
+    c.loss.name = loss_name
+    c.loss.beta = 0.1
+    c.reference.mode = "precomputed"
+    c.optimizer.name = "adamw"
+    c.optimizer.learning_rate = 5e-7
+    c.optimizer.warmup_steps = 10
+    c.optimizer.schedule = "cosine"
+    c.online.rounds = 3
+    c.online.prompts_per_round = 1024
+    c.online.samples_per_prompt = 4
+    c.online.max_new_tokens = 512
+    c.online.temperature = 1.0
+    c.online.sample_batch_size = 32
+    c.online.epochs = 2
+    c.online.eval_prompts = 64
+    return c
+
+
 # Fields with a closed set of values.
 ALLOWED: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
@@ -201,6 +263,10 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "optimizer.name": ("adamw", "sgd", "adafactor"),
     "optimizer.schedule": ("cosine", "linear", "constant"),
     "checkpoint.best_mode": ("min", "max"),
+    "online.pair_rule": ("best_worst", "random", "all_pairs"),
+    "online.reference": ("initial", "previous_round"),
+    "online.train_on": ("current_round", "all_rounds"),
+    "online.bootstrap": ("", "synthetic"),
 }
 
 # Numeric ranges: key -> (low, high, low included, high included); None = unbounded.
@@ -213,15 +279,20 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
         "eval.batch_size", "checkpoint.keep", "loss.vpo_max_new_tokens", "model.tiny.hidden_size",
         "model.tiny.num_layers", "model.tiny.num_heads", "model.tiny.num_kv_heads", "model.tiny.intermediate_size",
         "model.tiny.vocab_size", "distributed.initialization_timeout", "distributed.heartbeat_timeout",
+        "online.prompts_per_round", "online.samples_per_prompt", "online.max_new_tokens", "online.sample_batch_size",
+        "online.epochs", "online.bootstrap_sft_steps", "online.bootstrap_reward_model_steps",
     ), _AT_LEAST_1),
     **dict.fromkeys((
         "steps", "epochs", "eval_every", "checkpoint_every", "max_consecutive_nonfinite", "peak_flops_per_device",
         "data.micro_batch_size", "data.pack_rows", "data.eval_pairs", "eval.max_batches", "model.logits_chunk",
         "model.query_block", "reference.cache_batch_size", "profile.steps", "profile.skip_steps",
         "optimizer.warmup_steps", "optimizer.max_grad_norm", "optimizer.weight_decay", "loss.vpo_alpha",
-        "loss.reward_margin", "distributed.num_processes",
+        "loss.reward_margin", "distributed.num_processes", "online.rounds", "online.temperature", "online.top_k",
+        "online.missing_eos_penalty", "online.tie_margin", "online.eval_prompts",
     ), _AT_LEAST_0),
-    **dict.fromkeys(("optimizer.learning_rate", "optimizer.eps", "loss.beta"), _ABOVE_0),
+    **dict.fromkeys(("optimizer.learning_rate", "optimizer.eps", "loss.beta", "online.bootstrap_learning_rate"),
+                    _ABOVE_0),
+    "online.top_p": (0, 1, False, True),
     "optimizer.end_factor": (0, 1, True, True),
     **dict.fromkeys(("optimizer.b1", "optimizer.b2", "optimizer.momentum"), (0, 1, True, False)),
     **dict.fromkeys(("loss.epsilon", "loss.label_smoothing"), (0, 0.5, True, False)),
@@ -360,10 +431,41 @@ def _iter_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
         isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in nan_steps
     ):
         yield f"config key 'debug.nan_at_steps' must hold optimizer steps (ints >= 1), got {tuple(nan_steps)!r}"
+    if get("online.rounds"):
+        yield from _online_problems(get)
     if not get("data.train"):
         yield "config key 'data.train' is empty: name the training data"
     if not get("model.path"):
         yield "config key 'model.path' is empty: name a Hugging Face checkpoint directory"
+
+
+ONLINE_LOSSES = ("dpo", "ipo", "hinge", "rdpo", "vpo")  # the pairwise losses the online driver trains
+
+
+def _online_problems(get: Any) -> Iterator[str]:
+    """The cross-field rules of an online run (``online.rounds > 0``)."""
+    if get("loss.name") not in ONLINE_LOSSES:
+        yield (f"config key 'loss.name' = {get('loss.name')!r} cannot train online rounds; online losses: "
+               f"{', '.join(ONLINE_LOSSES)}")
+    if get("loss.name") == "vpo" and (get("loss.vpo_mode"), get("loss.vpo_calibration")) != ("online", "reference_samples"):
+        yield ("online VPO samples its calibration responses from the reference policy: set "
+               "--config.loss.vpo_mode=online --config.loss.vpo_calibration=reference_samples")
+    scorers = [f for f in get("online.reward_function").split(",") if f.strip()]
+    has_model = bool(get("online.reward_model")) or get("online.bootstrap") == "synthetic"
+    if not scorers and not has_model:
+        yield ("an online run needs a reward: set --config.online.reward_function=module:function (or "
+               "path/to/file.py:function) and/or --config.online.reward_model=PATH")
+    weights = get("online.reward_weights")
+    count = len(scorers) + has_model
+    if weights and len(weights) != count:
+        yield (f"config key 'online.reward_weights' has {len(weights)} weight(s) for {count} reward(s) (the reward "
+               "model first, then each function)")
+    if get("online.samples_per_prompt") < 2:
+        yield "config key 'online.samples_per_prompt' must be >= 2 in an online run: a pair needs two completions"
+    if get("online.max_new_tokens") + get("data.max_prompt_length") > get("data.max_length"):
+        yield (f"online.max_new_tokens ({get('online.max_new_tokens')}) + data.max_prompt_length "
+               f"({get('data.max_prompt_length')}) must be <= data.max_length ({get('data.max_length')}): a sampled "
+               "pair must fit the training rows")
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -43,7 +43,7 @@ __all__ = ["COUNTER_METRICS", "SHOWN_EVAL", "Cadence", "Outcome", "StepRunner"]
 # Metrics that are counters: logged with their last value in the window, not the mean.
 COUNTER_METRICS = ("nonfinite_steps", "consecutive_nonfinite")
 # Eval metrics shown on the progress bar and in a run's summary.
-SHOWN_EVAL = ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/sft/nll")
+SHOWN_EVAL = ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/sft/nll", "eval/reward_mean")
 
 
 @dataclasses.dataclass(frozen=True)

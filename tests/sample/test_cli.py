@@ -21,7 +21,8 @@ from jaxalign.data.records import PromptRecord
 from jaxalign.data.batching import bucket_ladder
 from jaxalign.sample.cli import main
 from jaxalign.train.checkpoint import UnusableCheckpointWarning
-from jaxalign.sample.load import load_policy, stop_ids
+from jaxalign.sample.load import load_policy
+from jaxalign.tokenizers import stop_ids
 from jaxalign.sampling import FINISH_STOP, SamplingConfig, sample
 from jaxalign.tokenizers import load_tokenizer
 
