@@ -29,7 +29,7 @@ __all__ = ["bootstrap"]
 
 def _stage(config: ml_collections.ConfigDict, loss: str, steps: int, data: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict(config.to_dict())
-    c.online.rounds, c.online.bootstrap = 0, ""
+    c.online.rounds, c.online.bootstrap = 0, "none"
     c.loss.name = loss
     c.reference.mode = "none"
     c.steps = steps
@@ -73,7 +73,7 @@ def bootstrap(config: ml_collections.ConfigDict, workdir: str) -> ml_collections
     out = ml_collections.ConfigDict(config.to_dict())
     out.model.path, out.model.create_if_missing = sft, False
     out.online.reward_model = reward_model
-    out.online.bootstrap = ""
+    out.online.bootstrap = "none"
     out.data.train = pairs
     out.lock()
     return out

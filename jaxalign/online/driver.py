@@ -659,7 +659,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
             stack.enter_context(compilation_cache(config.compilation_cache_dir, workdir))
         except CompilationCacheError as e:
             raise ConfigError(str(e)) from None
-        if config.online.bootstrap:
+        if config.online.bootstrap != "none":
             from jaxalign.online.bootstrap import bootstrap
 
             config = bootstrap(config, workdir)

@@ -146,7 +146,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.online.epochs = 1  # passes over the training pairs per round
     c.online.eval_prompts = 32  # prompts held out of data.train (data.eval when set) whose mean reward is eval/reward_mean (0 = no eval)
     c.online.eval_reward_function = ""  # the reward of eval/reward_mean ("" = the training reward); same syntax as reward_function
-    c.online.bootstrap = ""  # "" | synthetic: first train an SFT policy and a reward model on the synthetic task (the online quickstart)
+    c.online.bootstrap = "none"  # none | synthetic: first train an SFT policy and a reward model on the synthetic task (the online quickstart)
     c.online.bootstrap_sft_steps = 100  # bootstrap: SFT steps on completions of mixed quality
     c.online.bootstrap_reward_model_steps = 100  # bootstrap: Bradley-Terry reward-model steps on the task's pairs
     c.online.bootstrap_learning_rate = 1e-3  # bootstrap: peak learning rate of both stages
@@ -266,7 +266,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "online.pair_rule": ("best_worst", "random", "all_pairs"),
     "online.reference": ("initial", "previous_round"),
     "online.train_on": ("current_round", "all_rounds"),
-    "online.bootstrap": ("", "synthetic"),
+    "online.bootstrap": ("none", "synthetic"),
 }
 
 # Numeric ranges: key -> (low, high, low included, high included); None = unbounded.
