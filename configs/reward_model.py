@@ -1,8 +1,10 @@
 """Reward model: Bradley-Terry loss on a scalar head over the decoder's last-token hidden state.
 
-Per pair ``-log sigma(r(x, y_w) - r(x, y_l) - margin)``; ``r`` is ``h_last . w + b`` with
+Per pair ``-log sigma(r(x, y_w) - r(x, y_l) - margin)``; ``r`` is ``h_last . w`` (no bias) with
 ``h_last`` the final hidden state at the sequence's last token. The decoder and the head train
-together; the export holds the decoder (HF format) and ``reward_head.safetensors``.
+together; the export is an HF ``*ForSequenceClassification`` checkpoint with ``num_labels=1``
+(``transformers.AutoModelForSequenceClassification`` and ``jaxalign.scoring.reward_model.RewardModel``
+load it).
 
     python -m jaxalign.train --config configs/reward_model.py \
         --config.model.path=PATH/TO/HF_MODEL --config.data.train=PATH/TO/pairs.jsonl

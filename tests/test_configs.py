@@ -7,6 +7,7 @@ of 2, a held-out evaluation for one recipe per objective kind, an HF export.
 from __future__ import annotations
 
 import glob
+import json
 import math
 import os
 
@@ -75,7 +76,8 @@ def test_recipe_trains_a_few_steps(recipe, tiny_model, tmp_path, capsys):
         assert not evals
     assert os.path.isdir(workdir / "checkpoints" / "2")
     assert (workdir / "export" / "config.json").is_file() and (workdir / "export" / "tokenizer.json").is_file()
-    assert (workdir / "export" / "reward_head.safetensors").is_file() == (config.loss.name == "bradley_terry")
+    architecture = json.loads((workdir / "export" / "config.json").read_text())["architectures"][0]
+    assert architecture.endswith("ForSequenceClassification") == (config.loss.name == "bradley_terry")
     assert "run directory" in capsys.readouterr().out
 
 

@@ -5,6 +5,11 @@ Output: ``config.json`` (with ``architectures``), ``model.safetensors`` or, abov
 ``model.safetensors.index.json``, and the tokenizer files when a tokenizer is given. Tensors
 are gathered to the host one shard at a time. In a multi-process run every process must call
 ``save_pretrained`` (gathering is collective); only process 0 writes.
+
+With ``reward_head`` (a reward model's kernel ``[D]``) the checkpoint is the family's
+``*ForSequenceClassification`` with ``num_labels=1``: no ``lm_head``, ``score.weight [1, D]``,
+and a pad token id that is no EOS id (``hf_reward``), so that
+``transformers.AutoModelForSequenceClassification`` scores what our head does.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from jax.experimental import multihost_utils
 from jaxalign.models.causal_lm import CausalLM
 from jaxalign.models.config import to_hf_config
 from jaxalign.models.hf_import import INDEX_FILE, SINGLE_FILE
-from jaxalign.models.hf_names import tensor_mappings
+from jaxalign.models.hf_names import SCORE_PATH, reward_mappings, tensor_mappings
+from jaxalign.models.hf_reward import reward_hf_config, reward_pad_token
 from jaxalign.models.safetensors_io import save_file
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -39,8 +45,8 @@ def parse_size(size: int | str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-    if x.is_fully_addressable:
+def _to_host(x: jax.Array | np.ndarray) -> np.ndarray:
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
         return np.asarray(jax.device_get(x))
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
@@ -73,13 +79,18 @@ def _check_destination(path: Path, overwrite: bool):
 
 
 def save_pretrained(model: CausalLM, path: str | os.PathLike, *, tokenizer=None,
-                    max_shard_size: int | str = "5GB", dtype=None, overwrite: bool = False) -> Path:
+                    max_shard_size: int | str = "5GB", dtype=None, overwrite: bool = False,
+                    reward_head: jax.Array | np.ndarray | None = None) -> Path:
     """Write ``model`` (and ``tokenizer``) to ``path`` as an HF checkpoint; returns ``path``.
 
     ``dtype`` (default: the parameters' dtype) is the dtype tensors are stored in. An existing
     checkpoint in ``path`` is only replaced with ``overwrite=True`` (stale shards are removed).
+    ``reward_head`` (kernel ``[D]``) writes a reward model: see the module docstring.
     """
     cfg = model.config
+    if reward_head is not None and tuple(reward_head.shape) != (cfg.hidden_size,):
+        raise ValueError(f"reward_head has shape {tuple(reward_head.shape)}; expected ({cfg.hidden_size},), "
+                         "the kernel of a bias-free scalar head")
     path = Path(path)
     if tokenizer is not None and len(tokenizer) > cfg.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {cfg.vocab_size}")
@@ -89,8 +100,13 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, *, tokenizer=None,
         _check_destination(path, overwrite)
         path.mkdir(parents=True, exist_ok=True)
     store_dtype = np.dtype(cfg.param_dtype if dtype is None else dtype)
-    params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    mappings = tensor_mappings(cfg)
+    params = {key: var[...] for key, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    if reward_head is None:
+        mappings, hf_config = tensor_mappings(cfg), to_hf_config(cfg)
+    else:
+        tokenizer, pad_token_id = reward_pad_token(tokenizer, cfg)
+        mappings, hf_config = reward_mappings(cfg), reward_hf_config(cfg, pad_token_id)
+        params[SCORE_PATH] = reward_head
     sizes = [int(np.prod(m.hf_shape)) * store_dtype.itemsize for m in mappings]
     shards = _plan_shards(sizes, limit)
     names = [SINGLE_FILE] if len(shards) == 1 else [
@@ -101,7 +117,7 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, *, tokenizer=None,
         tensors = {}
         for i in members:
             m = mappings[i]
-            tensors[m.hf_name] = m.to_hf(_to_host(params[m.path][...]).astype(store_dtype))
+            tensors[m.hf_name] = m.to_hf(_to_host(params[m.path]).astype(store_dtype))
             weight_map[m.hf_name] = name
         if writer:
             save_file(tensors, path / name, metadata={"format": "pt"})
@@ -110,7 +126,6 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, *, tokenizer=None,
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
         (path / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    hf_config = to_hf_config(cfg)
     hf_config.dtype = store_dtype.name
     hf_config.save_pretrained(str(path))
     if tokenizer is not None:

@@ -6,6 +6,11 @@
    ``model.safetensors.index.json``, transposed/reshaped to our layout, cast to
    ``param_dtype`` and placed with ``sharding_fn(logical_axes, shape)``: each device receives
    only its shard, read straight from the memory-mapped file.
+
+A sequence-classification checkpoint (``architectures`` = ``*ForSequenceClassification``, e.g.
+a reward model) holds the backbone under the causal LM's names and no ``lm_head``: it loads as
+a decoder whose LM head is tied to the embedding (``tie_embeddings=True``; only its hidden
+states mean anything). Its ``score.weight`` is read by ``hf_reward.load_reward_model``.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from jaxalign.models.build import abstract_model
 from jaxalign.models.causal_lm import CausalLM
 from jaxalign.models.config import FAMILIES, ModelConfig, from_hf_config
 from jaxalign.models.errors import CheckpointError, UnsupportedModelError
-from jaxalign.models.hf_names import TensorMapping, tensor_mappings
+from jaxalign.models.hf_names import SCORE_NAME, TensorMapping, is_sequence_classifier, tensor_mappings
 from jaxalign.models.safetensors_io import SafetensorsFile
 
 SINGLE_FILE = "model.safetensors"
@@ -38,7 +43,8 @@ log = logging.getLogger(__name__)
 
 def load_config(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,
                 remat: str = "none") -> ModelConfig:
-    """``ModelConfig`` of the checkpoint directory ``path`` (its ``config.json``)."""
+    """``ModelConfig`` of the checkpoint directory ``path`` (its ``config.json``); tied
+    embeddings for a sequence-classification checkpoint (it has no ``lm_head``)."""
     path = Path(path)
     config_file = path / "config.json"
     if not path.is_dir():
@@ -58,7 +64,8 @@ def load_config(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.f
     from transformers import AutoConfig
 
     hf = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    return from_hf_config(hf, dtype=dtype, param_dtype=param_dtype, remat=remat, source=str(config_file))
+    config = from_hf_config(hf, dtype=dtype, param_dtype=param_dtype, remat=remat, source=str(config_file))
+    return config.replace(tie_embeddings=True) if is_sequence_classifier(raw.get("architectures")) else config
 
 
 class CheckpointTensors:
@@ -153,7 +160,7 @@ attention's query block (``ModelConfig``). Raises
         used.add(name)
         axes = var.get_metadata().get("out_sharding")
         leaves.append((key, var.replace(_place(x, config.param_dtype, axes, sharding_fn))))
-    unused = sorted(tensors.names() - used)
+    unused = sorted(tensors.names() - used - {SCORE_NAME})  # a reward model's head: load_reward_model
     if unused:
         log.warning("%s: %d tensors not used by the %s decoder, e.g. %s", tensors.source, len(unused),
                     config.family, unused[:5])

@@ -3,6 +3,10 @@
 HF ``nn.Linear`` weights are ``[out, in]``; ours are input-major with heads split out, e.g.
 ``q_proj.weight [H*Dh, D]`` -> ``q_proj.kernel [D, H, Dh]`` (transpose, then reshape). GPT-2's
 Conv1D weights are already ``[in, out]`` and are only reshaped.
+
+A reward model is written as the family's HF ``*ForSequenceClassification`` checkpoint: the
+backbone under the causal LM's names (``model.*``; GPT-2 ``transformer.*``), no ``lm_head``,
+and ``score.weight [1, D]`` holding our bias-free head ``{"kernel": [D]}``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,16 @@ import numpy as np
 from jaxalign.models.config import ModelConfig
 
 Path = tuple[str | int, ...]
+
+SEQUENCE_CLASSIFIERS = {
+    "llama": "LlamaForSequenceClassification",
+    "qwen2": "Qwen2ForSequenceClassification",
+    "mistral": "MistralForSequenceClassification",
+    "gpt2": "GPT2ForSequenceClassification",
+}
+SCORE_NAME = "score.weight"
+SCORE_PATH: Path = ("score",)
+LM_HEAD_PATH: Path = ("lm_head",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +71,23 @@ def tensor_mappings(cfg: ModelConfig) -> list[TensorMapping]:
     return _gpt2_mappings(cfg) if cfg.is_gpt2 else _llama_mappings(cfg)
 
 
+def is_sequence_classifier(architectures: list[str] | None) -> bool:
+    """Whether a config.json's ``architectures`` name an HF sequence-classification model."""
+    return any(a.endswith("ForSequenceClassification") for a in architectures or ())
+
+
+def score_mapping(cfg: ModelConfig) -> TensorMapping:
+    """HF ``score.weight [1, D]`` (``Linear(D, 1, bias=False)``) <-> the reward head's kernel
+    ``[D]`` (at ``SCORE_PATH``)."""
+    return _plain(SCORE_PATH, SCORE_NAME, (cfg.hidden_size,), (1, cfg.hidden_size))
+
+
+def reward_mappings(cfg: ModelConfig) -> list[TensorMapping]:
+    """The tensors of a sequence-classification checkpoint: the backbone (no ``lm_head``), then
+    ``score_mapping``."""
+    return [*(m for m in tensor_mappings(cfg) if m.path != LM_HEAD_PATH), score_mapping(cfg)]
+
+
 def _llama_mappings(cfg: ModelConfig) -> list[TensorMapping]:
     d, h, kv, dh, f, v = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                           cfg.intermediate_size, cfg.vocab_size)
@@ -81,7 +112,7 @@ def _llama_mappings(cfg: ModelConfig) -> list[TensorMapping]:
                 out.append(_plain(p + ("bias",), hf + f"mlp.{name}.bias", shape[1:]))
     out.append(_plain(("norm", "scale"), "model.norm.weight", (d,)))
     if not cfg.tie_embeddings:
-        out.append(_linear(("lm_head",), "lm_head.weight", (d, v), 1))
+        out.append(_linear(LM_HEAD_PATH, "lm_head.weight", (d, v), 1))
     return out
 
 
@@ -109,5 +140,5 @@ def _gpt2_mappings(cfg: ModelConfig) -> list[TensorMapping]:
     out.append(t(("ln_f", "scale"), "ln_f.weight", (d,)))
     out.append(t(("ln_f", "bias"), "ln_f.bias", (d,)))
     if not cfg.tie_embeddings:
-        out.append(_linear(("lm_head",), "lm_head.weight", (d, v), 1))
+        out.append(_linear(LM_HEAD_PATH, "lm_head.weight", (d, v), 1))
     return out

@@ -1,7 +1,9 @@
 """Reward modelling: Bradley-Terry on scalar rewards of the chosen and rejected sequences.
 
-The reward is ``h_last . w + b`` (``jaxalign.scoring.forward.sequence_rewards``), with the
-head ``{"kernel": [D], "bias": []}`` trained beside the model as ``params["head"]``.
+The reward is ``h_last . w`` (``jaxalign.scoring.forward.sequence_rewards``), with the head
+``{"kernel": [D]}`` trained beside the model as ``params["head"]``. It has no bias: only
+reward differences enter the loss, so a bias would never get a gradient (and Hugging Face's
+``*ForSequenceClassification`` score layer has none, so the export is exact).
 """
 
 from __future__ import annotations

@@ -10,8 +10,10 @@ per-token and per-sequence quantities are float32.
   so that no float32 ``[R, L, V]`` logits array exists.
 * ``sequence_logps``: per-sequence sums ``sum_t loss_mask * logp`` and token counts over the
   batch's ``sequence_ids`` (works for padded and packed layouts alike).
-* ``sequence_rewards``: a scalar reward per sequence, ``h_last . w + b``, where ``h_last`` is
-  the final hidden state at the sequence's last token (its last non-padding token).
+* ``sequence_rewards``: a scalar reward per sequence, ``h_last . w``, where ``h_last`` is
+  the final hidden state at the sequence's last token (its last non-padding token). The head
+  has no bias: under Bradley-Terry only reward differences enter the loss, so a bias would
+  never get a gradient; it is Hugging Face's ``score = Linear(D, 1, bias=False)``.
 
 ``Forward`` binds a model's graph and the LM head's layout (chunk, row groups) to these
 functions; it is what an objective (``jaxalign.objectives``) receives.
@@ -120,19 +122,20 @@ def last_token_index(sequence_ids: jax.Array, num_sequences: int) -> jax.Array:
 
 
 def init_reward_head(hidden_size: int, seed: int) -> dict[str, jax.Array]:
-    """A scalar head ``{"kernel": [D], "bias": []}``, kernel ~ N(0, 1/D), bias 0 (float32)."""
+    """A scalar head ``{"kernel": [D]}``, kernel ~ N(0, 1/D) (float32); no bias."""
     kernel = jax.random.normal(jax.random.PRNGKey(seed), (hidden_size,), jnp.float32) / jnp.sqrt(hidden_size)
-    return {"kernel": kernel, "bias": jnp.zeros((), jnp.float32)}
+    return {"kernel": kernel}
 
 
 def sequence_rewards(
     graphdef: nnx.GraphDef, params: Any, head: dict[str, jax.Array], batch: Batch, *, num_sequences: int
 ) -> jax.Array:
-    """Float32 rewards ``[S]``: the head applied to each sequence's last-token hidden state."""
+    """Float32 rewards ``[S]``: ``h_last . kernel``, the head applied to each sequence's
+    last-token hidden state."""
     hidden, _ = hidden_states(graphdef, params, batch)
     flat = hidden.reshape(-1, hidden.shape[-1]).astype(jnp.float32)
     last = flat[last_token_index(batch["sequence_ids"], num_sequences)]
-    return last @ head["kernel"] + head["bias"]
+    return last @ head["kernel"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,7 @@
    the loader position; with ``checkpoint.keep_best`` the checkpoint steps are evaluated so
    that the best one can be kept;
 5. at the end the policy is exported in Hugging Face format to ``WORKDIR/export`` (with the
-   tokenizer; a reward model's head goes to ``reward_head.safetensors`` beside it).
+   tokenizer; a reward model as the family's ``*ForSequenceClassification`` with ``num_labels=1``).
 
 Compiled programs go to JAX's persistent compilation cache (``compilation_cache_dir``: by
 default ``JAX_COMPILATION_CACHE_DIR`` if set, else ``WORKDIR/compilation_cache``), so a resumed
@@ -67,7 +67,7 @@ RESUMABLE_KEYS = (
     "steps", "epochs", "log_every", "eval_every", "checkpoint_every", "progress_bar",
     "checkpoint.async_save", "checkpoint.export", "mesh.data", "mesh.fsdp", "mesh.tensor",
     "max_consecutive_nonfinite", "reference.cache_batch_size", "compilation_cache_dir", "huge_pages",
-    "peak_flops_per_device", "profile.steps", "profile.skip_steps",
+    "peak_flops_per_device", "profile.steps", "profile.skip_steps", "debug.kill_at",
     *(f"distributed.{key}" for key in parallel.distributed_config()),
 )
 CONFIG_FILE = "config.json"
@@ -189,14 +189,12 @@ def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 
 def _export(run: Run, state: Any) -> str:
+    """``WORKDIR/export``: the policy as an HF causal LM, or, when the params hold a reward
+    head, the reward model as an HF sequence classifier (``models.save_pretrained``)."""
     out = os.path.join(run.workdir, "export")
     model = nnx.merge(run.graphdef, state.params["model"])
-    models.save_pretrained(model, out, tokenizer=run.tokenizer, overwrite=True)
-    if "head" in state.params and run.is_main:
-        from safetensors.numpy import save_file
-
-        head = {k: np.asarray(jax.device_get(v), np.float32).reshape(-1) for k, v in state.params["head"].items()}
-        save_file(head, os.path.join(out, "reward_head.safetensors"))
+    head = state.params["head"]["kernel"] if "head" in state.params else None
+    models.save_pretrained(model, out, tokenizer=run.tokenizer, overwrite=True, reward_head=head)
     return out
 
 

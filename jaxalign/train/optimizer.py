@@ -20,7 +20,7 @@ params pytree, from its path and, for ``nnx.Variable`` leaves, its logical axes
   (GPT-2's ``ln_1``, ``ln_2``, ``ln_f``);
 * not decayed if its own name is ``bias`` or ``scale`` (or ends in ``_bias``/``_scale``):
   every bias, e.g. Llama/Qwen q/k/v biases ``[heads, head_dim]`` or GPT-2's
-  ``c_attn.bias [3, heads, head_dim]`` and the reward head's scalar ``bias``;
+  ``c_attn.bias [3, heads, head_dim]``;
 * not decayed if it is a scalar or not floating point;
 * decayed otherwise.
 
