@@ -56,13 +56,41 @@ def test_recipes_exist():
     assert {"dpo", "cdpo", "ipo", "hinge", "rdpo", "vpo", "dove", "sft", "reward_model", "quickstart"} <= names
 
 
+# Online recipes: one round of 4 prompts x 2 short samples, scored by a rarely-tied test function
+# (the quickstart's bootstrap stages run 2 steps each and score with their reward model).
+REWARD_FUNCTION = os.path.join(ROOT, "tests", "fixtures", "online_rewards.py") + ":token_sum"
+ONLINE_OVERRIDES = [
+    "--config.online.rounds=1", "--config.online.prompts_per_round=4", "--config.online.samples_per_prompt=2",
+    "--config.online.max_new_tokens=8", "--config.online.sample_batch_size=4", "--config.online.eval_prompts=4",
+    "--config.online.epochs=1",
+]
+
+
+def online_overrides(recipe: str) -> list[str]:
+    if os.path.basename(recipe) == "online_quickstart.py":
+        return [*ONLINE_OVERRIDES, "--config.online.bootstrap_sft_steps=2", "--config.online.bootstrap_reward_model_steps=2"]
+    return [*ONLINE_OVERRIDES, f"--config.online.reward_function={REWARD_FUNCTION}"]
+
+
+def is_online(recipe: str) -> bool:
+    return os.path.basename(recipe).startswith("online_")
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: os.path.basename(p)[:-3])
 def test_recipe_trains_a_few_steps(recipe, tiny_model, tmp_path, capsys):
     workdir = tmp_path / "run"
     name = os.path.basename(recipe)[:-3]
     argv = ["jaxalign.train", "--config", recipe, "--workdir", str(workdir), *tiny_overrides(tiny_model, name in EVALUATED)]
+    if is_online(recipe):
+        argv += online_overrides(recipe)
     config, _, _ = parse_command_line(argv)
     assert main(argv) == 0, capsys.readouterr().err
+    if is_online(recipe):
+        rounds = [e for e in read_metrics(workdir) if "round" in e]
+        assert [e["round"] for e in rounds] == [0, 1]
+        assert rounds[1]["online/pairs"] >= 1 and math.isfinite(rounds[1]["eval/reward_mean"])
+        assert (workdir / "export" / "config.json").is_file()
+        return
     entries = read_metrics(workdir)
     train = [e for e in entries if "loss" in e]
     evals = [e for e in entries if "eval/loss" in e]

@@ -22,6 +22,7 @@ import ml_collections
 from jaxalign import parallel
 from jaxalign.data.jsonl import read_jsonl, write_jsonl
 from jaxalign.train import build
+from jaxalign.train.config import base_config
 from jaxalign.train.loop import train
 
 __all__ = ["bootstrap"]
@@ -29,12 +30,12 @@ __all__ = ["bootstrap"]
 
 def _stage(config: ml_collections.ConfigDict, loss: str, steps: int, data: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict(config.to_dict())
-    c.online.rounds, c.online.bootstrap = 0, "none"
+    c.online = base_config().online.to_dict()  # an offline run: no online key (a resumed stage ignores them)
     c.loss.name = loss
     c.reference.mode = "none"
     c.steps = steps
     c.data.train = data
-    c.data.eval, c.data.eval_pairs = "", 32
+    c.data.eval = ""  # held out: data.eval_pairs of the stage's records
     c.eval_every = steps
     c.checkpoint_every = steps
     c.checkpoint.keep_best = ""

@@ -69,7 +69,7 @@ from jaxalign.train import build
 from jaxalign.train.batches import BatchPlacer
 from jaxalign.train.checkpoint import CheckpointError, RunCheckpoints, abstract_like
 from jaxalign.train.config import ConfigError, grad_accum_steps, micro_batch_size, validate
-from jaxalign.train.loop import CONFIG_FILE, RunResult, _check_resume, _write_config
+from jaxalign.train.loop import CONFIG_FILE, RunResult, _check_resume, _write_config, export
 from jaxalign.train.metrics import MetricsLog, Progress, read_metrics
 from jaxalign.train.runner import Cadence, StepRunner
 from jaxalign.train.step import device_keys, reference_keys
@@ -264,12 +264,15 @@ def _decode(tokenizer: Any, ids: np.ndarray, stopped: bool) -> str:
 
 def _generate(run: Online, params: Any, prompts: list[Prompt], indices: np.ndarray, config: SamplingConfig,
               desc: str, on_progress: Any = None) -> tuple[Samples, float, int]:
-    """``(samples of all processes, seconds, tokens)``: this process samples its share of the
-    rows (``q::C``), then the rows are gathered."""
+    """``(samples of all processes, seconds, tokens)``: process ``q`` of ``C`` samples rows
+    ``q::C`` (the list padded with copies of its last prompt to a multiple of ``C``, their
+    samples dropped), then the rows are gathered."""
     from tqdm.auto import tqdm
 
-    q, c = jax.process_index(), jax.process_count()
-    local = prompts[q::c]
+    q, c, n = jax.process_index(), jax.process_count(), len(prompts)
+    padded = prompts + prompts[-1:] * (-n % c)
+    indices = np.concatenate([indices, np.repeat(indices[-1:], -n % c)])
+    local = padded[q::c]
     bar = tqdm(total=len(local), unit="prompt", desc=desc, dynamic_ncols=True,
                disable=not (run.is_main and run.config.progress_bar))
     start, generated = time.perf_counter(), 0
@@ -288,7 +291,7 @@ def _generate(run: Online, params: Any, prompts: list[Prompt], indices: np.ndarr
     finally:
         bar.close()
     seconds = time.perf_counter() - start
-    out = Samples(*(_gather(x) for x in out))
+    out = Samples(*(_gather(x)[:n] for x in out))
     return out, seconds, int(out.mask.sum())
 
 
@@ -638,13 +641,6 @@ def _log_rounds(log: MetricsLog, run: Online, upto: int) -> None:
             log.write(int(summary["step"]), {k: v for k, v in summary.items() if k != "step"})
 
 
-def _export(run: Online, state: Any) -> str:
-    out = os.path.join(run.workdir, "export")
-    models.save_pretrained(nnx.merge(run.graphdef, state.params["model"]), out, tokenizer=run.tokenizer,
-                           overwrite=True)
-    return out
-
-
 def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
     """Runs (or resumes) the online run of ``config`` in ``workdir``; see the module docstring."""
     workdir = os.path.abspath(workdir)
@@ -738,8 +734,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
             trace.close()
             log.close()
     export_dir = None
-    if status == "finished" and c.checkpoint.export and run.is_main and step > 0:
-        export_dir = _export(run, state)
+    if status == "finished" and c.checkpoint.export and step > 0:
+        export_dir = export(workdir, run.graphdef, state.params, run.tokenizer)
     checkpoints.close()
     eval_metrics = {k: v for k, v in (last or {}).items() if k.startswith("eval/")}
     return RunResult(workdir=workdir, step=step, resumed_from=None if meta is None else int(meta["step"]),

@@ -56,7 +56,7 @@ from jaxalign.train.metrics import MetricsLog, Progress
 from jaxalign.train.run import Run, RunError, prepare
 from jaxalign.train.runner import SHOWN_EVAL, Cadence, Outcome, StepRunner
 
-__all__ = ["RESUMABLE_KEYS", "STATUSES", "RunError", "RunResult", "evaluate", "train"]
+__all__ = ["RESUMABLE_KEYS", "STATUSES", "RunError", "RunResult", "evaluate", "export", "train"]
 
 # Config keys that may change when a run is resumed: the length of the run (with a schedule
 # that does not depend on it: see ``_check_resume``), logging cadence,
@@ -188,13 +188,14 @@ def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     os.replace(tmp, path)
 
 
-def _export(run: Run, state: Any) -> str:
-    """``WORKDIR/export``: the policy as an HF causal LM, or, when the params hold a reward
-    head, the reward model as an HF sequence classifier (``models.save_pretrained``)."""
-    out = os.path.join(run.workdir, "export")
-    model = nnx.merge(run.graphdef, state.params["model"])
-    head = state.params["head"]["kernel"] if "head" in state.params else None
-    models.save_pretrained(model, out, tokenizer=run.tokenizer, overwrite=True, reward_head=head)
+def export(workdir: str, graphdef: Any, params: Any, tokenizer: Any) -> str:
+    """``WORKDIR/export``: the policy (``params["model"]``) as an HF causal LM, or, when the
+    params hold a reward head, the reward model as an HF sequence classifier
+    (``models.save_pretrained``). Every process calls it."""
+    out = os.path.join(workdir, "export")
+    model = nnx.merge(graphdef, params["model"])
+    head = params["head"]["kernel"] if "head" in params else None
+    models.save_pretrained(model, out, tokenizer=tokenizer, overwrite=True, reward_head=head)
     return out
 
 
@@ -315,7 +316,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | 
                 if problem:
                     status, message = "nonfinite", problem
             if status == "finished" and c.checkpoint.export:
-                export_dir = _export(run, outcome.state)
+                export_dir = export(run.workdir, run.graphdef, outcome.state.params, run.tokenizer)
         finally:
             trace.close()
             progress.close()
