@@ -80,7 +80,8 @@ def load_prompts(source: str, tokenizer: Any, *, max_prompt_length: int, keys: K
             counts[f"longer than data.max_prompt_length={max_prompt_length} tokens"] += 1
             continue
         renamed = keys.apply(row)
-        metadata = {k: v for k, v in renamed.items() if k not in _RECORD_COLUMNS}
+        source_columns = (keys.prompt, keys.chosen, keys.rejected)  # renamed into record columns
+        metadata = {k: v for k, v in renamed.items() if k not in _RECORD_COLUMNS and k not in source_columns}
         prompts.append(Prompt(len(prompts), record.prompt, ids, metadata, f"{file}:{line}"))
     if not prompts:
         reasons = f" ({', '.join(f'{n} {why}' for why, n in counts.items())})" if counts else ""
