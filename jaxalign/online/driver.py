@@ -56,7 +56,7 @@ from jaxalign.data.records import DataError
 from jaxalign.objectives import Objective, from_config
 from jaxalign.online import pairs as pairing
 from jaxalign.online.prompts import Prompt, at_positions, load_prompts, round_positions, split_eval
-from jaxalign.online.rewards import RewardError, Scorer, combine, function_scorer, parse_functions
+from jaxalign.online.rewards import ARGUMENTS, RewardError, Scorer, combine, function_scorer, parse_functions
 from jaxalign.online.rounds import RoundFiles
 from jaxalign.caches.calibration import CalibratedPair
 from jaxalign.runtime.compilation_cache import CompilationCacheError, compilation_cache
@@ -188,6 +188,10 @@ def _prompts(config: ml_collections.ConfigDict, tokenizer: Any) -> tuple[list[Pr
                        "--config.data.on_bad_record=skip)") from None
     except ValueError as e:
         raise RunError(f"data: {e}") from None
+    clash = sorted({c for p in train + held for c in p.metadata} & set(ARGUMENTS))
+    if clash:
+        raise RunError(f"data: the prompt rows' column(s) {clash} would pass to the reward function under the name "
+                       f"of its own argument(s) ({', '.join(ARGUMENTS)}); rename the column(s)")
     return train, held, f"{train_set.summary()}; {len(train)} for training, {len(held)} held out for eval"
 
 
@@ -317,7 +321,7 @@ def _sample_round(run: Online, files: RoundFiles, state: Any) -> tuple[Round, di
             [line["completions"] for line in lines],
             np.asarray([[r == "stop" for r in line["finish_reasons"]] for line in lines]),
             np.asarray([line["logps"] for line in lines], np.float64),
-        ), {}
+        ), {k: v for k, v in files.timings().items() if k in ("time/generate_s", "sampling/tokens_per_s")}
     first = [True]
 
     def kill_after_first_call() -> None:
@@ -336,8 +340,11 @@ def _sample_round(run: Online, files: RoundFiles, state: Any) -> tuple[Round, di
              "logps": samples.logps[m].tolist()}
             for m, (pos, p) in enumerate(zip(positions, prompts))
         ])
+    timings = {"time/generate_s": seconds, "sampling/tokens_per_s": tokens / max(seconds, 1e-9)}
+    if run.is_main:
+        files.add_timings(timings)
     parallel.barrier(f"samples-{files.index}")
-    return samples, {"time/generate_s": seconds, "sampling/tokens_per_s": tokens / max(seconds, 1e-9)}
+    return samples, timings
 
 
 def _score(scorers: list[Scorer], weights: list[float], samples: Round, missing_eos_penalty: float,
@@ -360,7 +367,8 @@ def _score(scorers: list[Scorer], weights: list[float], samples: Round, missing_
 
 def _score_round(run: Online, files: RoundFiles, samples: Round) -> tuple[np.ndarray, dict[str, float]]:
     if files.has("rewards.jsonl"):
-        return np.asarray([line["rewards"] for line in files.read("rewards.jsonl")], np.float64), {}
+        return (np.asarray([line["rewards"] for line in files.read("rewards.jsonl")], np.float64),
+                {k: v for k, v in files.timings().items() if k == "time/score_s"})
     start = time.perf_counter()
     try:
         rewards, components = _score(run.scorers, run.weights, samples, run.config.online.missing_eos_penalty)
@@ -374,8 +382,11 @@ def _score_round(run: Online, files: RoundFiles, samples: Round) -> tuple[np.nda
              "components": {name: v[m].tolist() for name, v in components.items()}}
             for m, pos in enumerate(samples.positions)
         ])
+    timings = {"time/score_s": time.perf_counter() - start}
+    if run.is_main:
+        files.add_timings(timings)
     parallel.barrier(f"rewards-{files.index}")
-    return rewards, {"time/score_s": time.perf_counter() - start}
+    return rewards, timings
 
 
 def _pair_round(run: Online, files: RoundFiles, samples: Round, rewards: np.ndarray) -> pairing.Pairing:

@@ -31,7 +31,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["RewardError", "Scorer", "combine", "load_function", "parse_functions"]
+__all__ = ["ARGUMENTS", "RewardError", "Scorer", "combine", "load_function", "parse_functions"]
+
+# The names a reward function is called with; a prompt row's column may not take one of them.
+ARGUMENTS = ("prompts", "completions", "completion_ids", "stopped", "prompt_index")
 
 
 class RewardError(RuntimeError):

@@ -9,6 +9,7 @@
   their rewards and sample numbers;
 * ``calibration.jsonl`` (online VPO): the reference's calibration sample of each prompt;
 * ``reference/``: the reference log-probs of the round's sequences (an ``ArrayStore``);
+* ``timings.json``: the seconds of the phases done (a resumed round logs the time they took);
 * ``summary.json``: the round's metrics, written last: a round with a summary is complete.
 
 Round 0 holds only the summary of the evaluation before any training.
@@ -47,19 +48,32 @@ class RoundFiles:
         os.makedirs(self.directory, exist_ok=True)
         write_jsonl(self.path(name), lines)
 
-    def summary(self) -> dict[str, Any] | None:
-        """The round's metrics, or None while the round is not complete."""
-        if not self.has("summary.json"):
+    def _json(self, name: str) -> dict[str, Any] | None:
+        if not self.has(name):
             return None
-        with open(self.path("summary.json"), encoding="utf-8") as f:
+        with open(self.path(name), encoding="utf-8") as f:
             return json.load(f)
 
-    def write_summary(self, metrics: dict[str, Any]) -> None:
+    def _write_json(self, name: str, value: dict[str, Any]) -> None:
         os.makedirs(self.directory, exist_ok=True)
-        path = self.path("summary.json")
+        path = self.path(name)
         tmp = f"{path}.tmp-{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(metrics, f, indent=1, sort_keys=True)
+            json.dump(value, f, indent=1, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+
+    def summary(self) -> dict[str, Any] | None:
+        """The round's metrics, or None while the round is not complete."""
+        return self._json("summary.json")
+
+    def write_summary(self, metrics: dict[str, Any]) -> None:
+        self._write_json("summary.json", metrics)
+
+    def timings(self) -> dict[str, float]:
+        """The recorded seconds (and rates) of the phases done."""
+        return self._json("timings.json") or {}
+
+    def add_timings(self, values: dict[str, float]) -> None:
+        self._write_json("timings.json", {**self.timings(), **values})

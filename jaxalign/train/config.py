@@ -104,7 +104,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.vpo_alpha = 0.1  # VPO: value-regulariser weight (the term is alpha*beta*mean log-ratio)
     c.loss.vpo_mode = "offline"  # VPO: offline (pessimism, sign -1) | online (optimism, +1)
     c.loss.vpo_calibration = "chosen"  # VPO calibration samples: chosen | reference_samples
-    c.loss.vpo_max_new_tokens = 32  # VPO reference_samples: tokens sampled per prompt
+    c.loss.vpo_max_new_tokens = 32  # VPO reference_samples, offline: tokens sampled per prompt (online runs sample online.max_new_tokens)
     c.loss.reward_margin = 0.0  # Bradley-Terry: margin subtracted from the reward difference
 
     c.reference = ml_collections.ConfigDict()  # where reference log-probs come from

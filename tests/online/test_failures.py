@@ -119,6 +119,16 @@ def test_a_bad_prompt_row_is_exit_2_naming_its_line(make_config, cli, tmp_path, 
     assert f"error: data: {bad}:4: prompt" in err and "--config.data.on_bad_record=skip" in err
 
 
+def test_a_prompt_column_named_like_a_reward_argument_is_exit_2(make_config, cli, tmp_path, records):
+    import json
+
+    clashing = tmp_path / "clash.jsonl"
+    clashing.write_text("".join(json.dumps(dict(r, stopped=True)) + "\n" for r in records))
+    code, _, err = cli(make_config(**{"data.train": str(clashing)}), tmp_path / "run")
+    assert code == 2
+    assert "column(s) ['stopped']" in err and "rename" in err
+
+
 def test_a_reward_function_that_cannot_be_loaded_is_exit_2(make_config, helpers, cli, tmp_path):
     name = helpers.reward("no_such_function")
     code, _, err = cli(make_config(**{"online.reward_function": name}), tmp_path / "run")
