@@ -44,6 +44,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxalign import models, parallel
+from jaxalign.caches.calibration import CalibratedPair
 from jaxalign.caches.fingerprint import host_array
 from jaxalign.caches.reference import ReferenceCache
 from jaxalign.caches.store import ArrayStore
@@ -58,7 +59,6 @@ from jaxalign.online import pairs as pairing
 from jaxalign.online.prompts import Prompt, at_positions, load_prompts, round_positions, split_eval
 from jaxalign.online.rewards import ARGUMENTS, RewardError, Scorer, combine, function_scorer, parse_functions
 from jaxalign.online.rounds import RoundFiles
-from jaxalign.caches.calibration import CalibratedPair
 from jaxalign.runtime.compilation_cache import CompilationCacheError, compilation_cache
 from jaxalign.runtime.preemption import StopAgreement, StopSignals
 from jaxalign.runtime.profiling import PROFILE_DIR, StepTrace
@@ -72,19 +72,18 @@ from jaxalign.train.config import ConfigError, grad_accum_steps, micro_batch_siz
 from jaxalign.train.loop import CONFIG_FILE, RunResult, _check_resume, _write_config, export
 from jaxalign.train.metrics import MetricsLog, Progress, read_metrics
 from jaxalign.train.runner import Cadence, StepRunner
-from jaxalign.train.step import device_keys, reference_keys
+from jaxalign.train.step import reference_keys
 
 __all__ = ["train"]
 
 RunError = build.RunError
-PHASES = ("sample", "score", "train")  # the phases debug.kill_at may name
 SCORE_KEYS = ("input_ids", "positions", "segment_ids", "loss_mask", "sequence_ids", "pair_mask")
 EVAL_SEED_OFFSET, CALIBRATION_SEED_OFFSET = 1, 2  # sampling streams of eval prompts and VPO calibration
 
 
 @dataclasses.dataclass
 class Round:
-    """One round's samples (prompt rows in stream order) and, once scored, rewards and pairs."""
+    """One round's samples: its prompts in stream order and their K completions each."""
 
     positions: np.ndarray  # [M] stream positions
     prompts: list[Prompt]  # [M]
@@ -118,7 +117,6 @@ class Online:
     sampling: SamplingConfig
     pad_id: int
     bos_id: int | None
-    planned_steps: int
     accum: int
     is_main: bool
 
@@ -221,11 +219,10 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Online:
                                    optimizer=optimizer, schedule=schedule, state_shardings=shardings).train
     scorers = _scorers(config, mesh, o.reward_function, o.reward_model)
     weights = list(o.reward_weights) or [1.0] * len(scorers)
+    eval_scorers, eval_weights = scorers, weights
     if o.eval_reward_function:
-        eval_scorers, eval_weights = _scorers(config, mesh, o.eval_reward_function, ""), None
+        eval_scorers = _scorers(config, mesh, o.eval_reward_function, "")
         eval_weights = [1.0] * len(eval_scorers)
-    else:
-        eval_scorers, eval_weights = scorers, weights
     eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     sampling = SamplingConfig(
@@ -239,7 +236,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Online:
         initial_reference=initial, objective=objective, train_step=train_step,
         logps_fn=sequence_logps_fn(build.forward_for(config, policy.graphdef, mesh), 1), scorers=scorers,
         weights=weights, eval_scorers=eval_scorers, eval_weights=eval_weights, sampling=sampling, pad_id=int(pad),
-        bos_id=tokenizer.bos_token_id, planned_steps=steps, accum=grad_accum_steps(config), is_main=is_main,
+        bos_id=tokenizer.bos_token_id, accum=grad_accum_steps(config), is_main=is_main,
     )
 
 

@@ -126,6 +126,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.eps = 1e-8  # adamw epsilon
     c.optimizer.momentum = 0.0  # sgd momentum (0 = plain SGD)
 
+    c.distill = ml_collections.ConfigDict()  # distillation of preference alignment (loss dckd | adpa; docs/distillation.md)
+    c.distill.teacher = ""  # the DPO-aligned teacher: HF checkpoint or jaxalign run directory (its export); must share the student's tokenizer
+    c.distill.teacher_reference = ""  # ADPA: the teacher's reference (its SFT checkpoint), for the advantages
+    c.distill.top_k = 50  # teacher tokens kept per position (DCKD's top-k; ADPA's candidates)
+    c.distill.sft_weight = 1.0  # weight of the NLL of the chosen response (sft_on_chosen)
+    c.distill.chosen_kl_weight = 0.1  # DCKD: weight of the top-k KL on chosen responses
+    c.distill.rejected_kl_weight = 0.1  # DCKD: weight of the top-k KL on rejected responses
+    c.distill.adpa_weight = 1.6  # ADPA: weight of the expected-advantage term
+    c.distill.adpa_clip = False  # ADPA: clamp advantages to [1e-8, 1) as the released code does (paper form: False)
+    c.distill.max_new_tokens = 256  # ADPA: most tokens of the student's greedy generations (the states)
+    c.distill.cache_dir = ""  # teacher top-k / advantage caches; "" = WORKDIR/distill_cache
+
     c.online = ml_collections.ConfigDict()  # the online driver: rounds of sample -> score -> pair -> train (docs/online.md)
     c.online.rounds = 0  # online rounds; 0 = offline training on the pairs of data.train (then no other online.* key is read)
     c.online.prompts_per_round = 64  # prompts of data.train sampled per round, over all processes
@@ -255,7 +267,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "data.format": ("auto", "standard", "conversational", "implicit", "dove", "sft"),
     "data.on_bad_record": ("error", "skip"),
     "loss.name": (
-        "dpo", "ipo", "hinge", "rdpo", "vpo", "dove", "sft", "bradley_terry",
+        "dpo", "ipo", "hinge", "rdpo", "vpo", "dove", "sft", "bradley_terry", "dckd", "adpa",
     ),
     "loss.vpo_mode": ("offline", "online"),
     "loss.vpo_calibration": ("chosen", "reference_samples"),
@@ -280,7 +292,8 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
         "model.tiny.num_layers", "model.tiny.num_heads", "model.tiny.num_kv_heads", "model.tiny.intermediate_size",
         "model.tiny.vocab_size", "distributed.initialization_timeout", "distributed.heartbeat_timeout",
         "online.prompts_per_round", "online.samples_per_prompt", "online.max_new_tokens", "online.sample_batch_size",
-        "online.epochs", "online.bootstrap_sft_steps", "online.bootstrap_reward_model_steps",
+        "online.epochs", "online.bootstrap_sft_steps", "online.bootstrap_reward_model_steps", "distill.top_k",
+        "distill.max_new_tokens",
     ), _AT_LEAST_1),
     **dict.fromkeys((
         "steps", "epochs", "eval_every", "checkpoint_every", "max_consecutive_nonfinite", "peak_flops_per_device",
@@ -288,7 +301,8 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
         "model.query_block", "reference.cache_batch_size", "profile.steps", "profile.skip_steps",
         "optimizer.warmup_steps", "optimizer.max_grad_norm", "optimizer.weight_decay", "loss.vpo_alpha",
         "loss.reward_margin", "distributed.num_processes", "online.rounds", "online.temperature", "online.top_k",
-        "online.missing_eos_penalty", "online.tie_margin", "online.eval_prompts",
+        "online.missing_eos_penalty", "online.tie_margin", "online.eval_prompts", "distill.sft_weight",
+        "distill.chosen_kl_weight", "distill.rejected_kl_weight", "distill.adpa_weight",
     ), _AT_LEAST_0),
     **dict.fromkeys(("optimizer.learning_rate", "optimizer.eps", "loss.beta", "online.bootstrap_learning_rate"),
                     _ABOVE_0),
