@@ -208,7 +208,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Online:
     tokenizer = build.build_tokenizer(config)
     train_prompts, eval_prompts, summary = _prompts(config, tokenizer)
     mode = "none" if config.reference.mode == "none" else "precomputed"
-    objective = from_config(config.loss, mode)
+    objective = from_config(config.loss, mode, config.distill)
     policy = build.build_policy(config, mesh, objective)
     initial = None
     if objective.uses_reference and o.reference == "initial":
@@ -556,8 +556,10 @@ def _placer(run: Online, loader: Loader, cache: ReferenceCache | None) -> BatchP
 
 def _train_round(run: Online, files: RoundFiles, examples: list[Any], cache: ReferenceCache | None, state: Any,
                  step: int, resume: dict[str, Any] | None, runner: StepRunner, signals: StopSignals):
-    """Trains the round's steps (from ``resume``'s position inside the round when given);
-    returns ``(outcome or None when there was nothing to train, seconds)``."""
+    """Trains the round's steps (from ``resume``'s position inside the round when given), with
+    a checkpoint at its end after every ``online.checkpoint_rounds``-th round and the last
+    (written in the background while the next round samples); returns ``(outcome or None when
+    there was nothing to train, seconds)``."""
     if not examples:
         return None, 0.0
     loader = _pair_loader(run, examples, files.index)
@@ -581,12 +583,22 @@ def _train_round(run: Online, files: RoundFiles, examples: list[Any], cache: Ref
     runner = dataclasses.replace(runner, place=lambda host: placer(host, stacked=True), checkpoint_meta=meta)
     runner.progress = Progress(end, step, enabled=run.is_main and run.config.progress_bar)
     runner.progress.describe(f"round {files.index}: training")
+    o = run.config.online
     t0 = time.perf_counter()
     try:
-        outcome = runner.run(state, step=step, end=end, total=end, batches=batches(), signals=signals)
+        outcome = runner.run(state, step=step, end=end, total=end, batches=batches(), signals=signals,
+                             checkpoint_end=files.index % o.checkpoint_rounds == 0 or files.index == o.rounds,
+                             wait=False)
     finally:
         runner.progress.close()
     return outcome, time.perf_counter() - t0
+
+
+def trained_rounds(meta: dict[str, Any] | None) -> int:
+    """The last round whose training a checkpoint's state holds in full (0: none)."""
+    if meta is None:
+        return 0
+    return meta["round"] if meta["step"] >= meta["round_end_step"] else meta["round"] - 1
 
 
 # -- evaluation and metrics --------------------------------------------------------------------
@@ -701,12 +713,16 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
                 metrics = {"round": 0, **_evaluate(run, state.params["model"])}
                 _finish_round(run, log, zero, step, metrics)
             last = zero.summary()
+            covered = trained_rounds(meta)
             for r in range(1, c.online.rounds + 1):
                 files = RoundFiles(workdir, r)
                 done = files.summary()
-                if done is not None:
-                    last, skipped = done, int(done.get("online/rounds_skipped", skipped))
+                if done is not None and (r <= covered or done["online/pairs"] == 0):
+                    last, skipped = done, int(done["online/rounds_skipped"])
                     continue
+                if done is not None and run.is_main:
+                    print(f"round {r}: training it again from its files (the newest checkpoint, step {step}, "
+                          "predates it)", flush=True)
                 if agreement.update(signals.received is not None):
                     status = "interrupted"
                     break
@@ -733,10 +749,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
                     if outcome.status != "finished":
                         status, message = outcome.status, outcome.message
                         break
-                metrics = {"round": r, **_round_metrics(samples, rewards, result, reference), **timings,
-                           "online/rounds_skipped": skipped, **_evaluate(run, state.params["model"])}
-                _finish_round(run, log, files, step, metrics)
+                if done is None:
+                    metrics = {"round": r, **_round_metrics(samples, rewards, result, reference), **timings,
+                               "online/rounds_skipped": skipped, **_evaluate(run, state.params["model"])}
+                    _finish_round(run, log, files, step, metrics)
                 last = files.summary()
+            if status == "finished" and step > 0 and checkpoints.latest_step() != step:
+                # the last rounds trained nothing (every pair tied) after an unsaved round: save the end
+                checkpoints.save(step, state, {"round": c.online.rounds, "round_start_step": step,
+                                               "round_end_step": step, "pair_loader": None, "step": step})
             checkpoints.wait()
         finally:
             trace.close()

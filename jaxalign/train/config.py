@@ -156,6 +156,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.online.reference = "initial"  # the reference policy: initial (the starting policy, fixed) | previous_round (the policy at the start of each round)
     c.online.train_on = "current_round"  # current_round: this round's pairs | all_rounds: every pair so far
     c.online.epochs = 1  # passes over the training pairs per round
+    c.online.checkpoint_rounds = 1  # save a checkpoint after every N-th round and the last (a crash retrains the rounds since from their files)
     c.online.eval_prompts = 32  # prompts held out of data.train (data.eval when set) whose mean reward is eval/reward_mean (0 = no eval)
     c.online.eval_reward_function = ""  # the reward of eval/reward_mean ("" = the training reward); same syntax as reward_function
     c.online.bootstrap = "none"  # none | synthetic: first train an SFT policy and a reward model on the synthetic task (the online quickstart)
@@ -292,7 +293,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
         "model.tiny.num_layers", "model.tiny.num_heads", "model.tiny.num_kv_heads", "model.tiny.intermediate_size",
         "model.tiny.vocab_size", "distributed.initialization_timeout", "distributed.heartbeat_timeout",
         "online.prompts_per_round", "online.samples_per_prompt", "online.max_new_tokens", "online.sample_batch_size",
-        "online.epochs", "online.bootstrap_sft_steps", "online.bootstrap_reward_model_steps", "distill.top_k",
+        "online.epochs", "online.checkpoint_rounds", "online.bootstrap_sft_steps", "online.bootstrap_reward_model_steps", "distill.top_k",
         "distill.max_new_tokens",
     ), _AT_LEAST_1),
     **dict.fromkeys((
@@ -447,6 +448,8 @@ def _iter_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
         yield f"config key 'debug.nan_at_steps' must hold optimizer steps (ints >= 1), got {tuple(nan_steps)!r}"
     if get("online.rounds"):
         yield from _online_problems(get)
+    if get("loss.name") in DISTILL_LOSSES:
+        yield from _distill_problems(get)
     if not get("data.train"):
         yield "config key 'data.train' is empty: name the training data"
     if not get("model.path"):
@@ -480,6 +483,20 @@ def _online_problems(get: Any) -> Iterator[str]:
         yield (f"online.max_new_tokens ({get('online.max_new_tokens')}) + data.max_prompt_length "
                f"({get('data.max_prompt_length')}) must be <= data.max_length ({get('data.max_length')}): a sampled "
                "pair must fit the training rows")
+
+
+DISTILL_LOSSES = ("dckd", "adpa")  # the losses that distil a teacher (config group ``distill``)
+
+
+def _distill_problems(get: Any) -> Iterator[str]:
+    """The cross-field rules of a distillation run (``loss.name`` dckd | adpa)."""
+    if not get("distill.teacher"):
+        yield (f"config key 'distill.teacher' is empty: loss.name = {get('loss.name')!r} distils from a teacher; set "
+               "--config.distill.teacher=PATH (an HF checkpoint or jaxalign run directory sharing the student's "
+               "tokenizer)")
+    if get("loss.name") == "adpa" and not get("distill.teacher_reference"):
+        yield ("config key 'distill.teacher_reference' is empty: ADPA's advantages need the teacher's reference; set "
+               "--config.distill.teacher_reference=PATH (the teacher's SFT checkpoint)")
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -128,8 +128,12 @@ class StepRunner:
         return metrics
 
     def run(self, state: Any, *, step: int, end: int, total: int, batches: Iterator[dict[str, np.ndarray]],
-            signals: StopSignals, eval_metrics: dict[str, float] | None = None) -> Outcome:
-        """Steps ``step+1..end`` of a run of ``total`` steps (see the module docstring)."""
+            signals: StopSignals, eval_metrics: dict[str, float] | None = None, checkpoint_end: bool = True,
+            wait: bool = True) -> Outcome:
+        """Steps ``step+1..end`` of a run of ``total`` steps (see the module docstring).
+        ``checkpoint_end=False``: no checkpoint at ``end`` unless ``checkpoint_every`` falls
+        there; ``wait=False``: return while an asynchronous save may still be writing (the
+        caller waits on ``checkpoints`` later)."""
         c = self.cadence
         limit = c.max_consecutive_nonfinite
         agreement = StopAgreement(self.mesh)
@@ -170,7 +174,7 @@ class StepRunner:
                 else:
                     message = _nonfinite_message(step, consecutive, limit, path)
                 break
-            checkpoint_due = step == end or (c.checkpoint_every and step % c.checkpoint_every == 0)
+            checkpoint_due = (checkpoint_end and step == end) or (c.checkpoint_every and step % c.checkpoint_every == 0)
             eval_due = last or (c.eval_every and step % c.eval_every == 0)
             if self.evaluate is not None and (eval_due or (checkpoint_due and c.eval_at_checkpoints)):
                 eval_metrics = self.evaluate(state.params)
@@ -179,5 +183,6 @@ class StepRunner:
             if checkpoint_due:
                 scored = eval_due or c.eval_at_checkpoints
                 self.checkpoints.save(step, state, self.checkpoint_meta(step), eval_metrics if scored else None)
-        self.checkpoints.wait()
+        if wait:
+            self.checkpoints.wait()
         return Outcome(state, step, status, message, train_metrics, eval_metrics)

@@ -68,3 +68,26 @@ def test_kill_9_in_a_phase_then_resume_matches_the_uninterrupted_run(phase, refe
     a = [without_timings(e) for e in read_metrics(reference_run.workdir)]
     b = [without_timings(e) for e in read_metrics(workdir)]
     assert b == a
+
+
+def test_rounds_since_the_newest_checkpoint_are_trained_again_from_their_files(reference_run, tmp_path, cli_env,
+                                                                                helpers):
+    """``online.checkpoint_rounds = 2``: after round 1 nothing is saved; killed in round 2's
+    sampling, the resumed run trains round 1 again from its files (without sampling, scoring
+    or evaluating it again) and ends with the uninterrupted run's parameters."""
+    config = helpers.set_keys(reference_run.config.copy_and_resolve_references(),
+                              {"online.checkpoint_rounds": 2, "checkpoint_every": 0})
+    recipe = helpers.write_recipe(config, tmp_path / "recipe.py")
+    workdir = tmp_path / "run"
+    killed = helpers.run_cli(recipe, workdir, cli_env, "--config.debug.kill_at=2:sample")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert helpers.checkpoint_steps(workdir) == [] and helpers.round_summary(workdir, 1) is not None
+    summary_one = os.stat(workdir / "rounds" / "0001" / "summary.json").st_mtime_ns
+    resumed = helpers.run_cli(recipe, workdir, cli_env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "round 1: training it again from its files" in resumed.stdout
+    assert os.stat(workdir / "rounds" / "0001" / "summary.json").st_mtime_ns == summary_one
+    a, b = helpers.export_params(reference_run.workdir), helpers.export_params(workdir)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert [without_timings(e) for e in read_metrics(workdir) if "round" in e] == \
+        [without_timings(e) for e in read_metrics(reference_run.workdir) if "round" in e]
