@@ -162,7 +162,7 @@ def jaxalign_command(*, model_dir: str, prompts_file: str, reward_file: str, set
         "--config.online.eval_prompts=0", "--config.online.epochs=1", f"--config.data.batch_size={s.batch}",
         f"--config.data.micro_batch_size={s.batch}", f"--config.data.max_length={MAX_LENGTH}",
         f"--config.data.max_prompt_length={MAX_LENGTH - s.new_tokens}", f"--config.data.buckets={BUCKETS}",
-        "--config.model.dtype=float32", f"--config.seed={s.seed}",
+        "--config.data.packing=False", "--config.model.dtype=float32", f"--config.seed={s.seed}",
         "--config.progress_bar=False", "--config.checkpoint.export=False",
         f"--config.compilation_cache_dir={cache_dir}", *extra,
     ]

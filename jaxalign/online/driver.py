@@ -409,14 +409,18 @@ def _sequence(run: Online, prompt: np.ndarray, completion: np.ndarray) -> Encode
 
 
 def sequence_logps(run: Online, params: Any, sequences: list[EncodedSequence]) -> np.ndarray:
-    """Summed completion log-probs ``[N]`` of ``sequences`` under ``params`` (one forward pass,
-    batches of similar lengths over the mesh)."""
+    """Summed completion log-probs ``[N]`` of ``sequences`` under ``params`` (one forward pass
+    over the mesh, in the training layout: packed rows with ``data.packing``, else batches of
+    similar lengths)."""
     shard = parallel.data_shard(run.mesh)
     multiple = math.lcm(shard.count, build.batch_devices(run.mesh))
     batch = multiple * math.ceil(max(run.config.data.batch_size, 16) / multiple)
+    d = run.config.data
     examples = sorted((EncodedExample(s, i) for i, s in enumerate(sequences)), key=lambda e: len(e.sequence))
     loader = Loader(EncodedDataset(examples, DataReport()), batch_size=batch, pad_id=run.pad_id, shuffle=False,
-                    num_epochs=1, buckets=tuple(run.config.data.buckets), shard_index=shard.index,
+                    num_epochs=1, buckets=tuple(d.buckets), packing=d.packing,
+                    pack_length=max(d.buckets) if d.packing else None,
+                    row_multiple=max(1, build.batch_devices(run.mesh) // shard.count), shard_index=shard.index,
                     shard_count=shard.count)
     out = np.full(len(sequences), np.nan)
     for host in loader:

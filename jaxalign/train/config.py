@@ -228,7 +228,8 @@ def online_recipe(loss_name: str) -> ml_collections.ConfigDict:
 
     RLHFlow's iterative DPO (docs/online.md §1): 3 rounds, K = 4 samples per prompt at
     temperature 1, best vs worst pairs, the reference fixed at the initial policy, AdamW at
-    5e-7 with cosine decay, 2 epochs over each round's pairs; bfloat16 compute. The reference
+    5e-7 with cosine decay, 2 epochs over each round's pairs; bfloat16 compute; pairs packed into
+    rows (completions vary in length: padded rows would be mostly padding). The reference
     log-probs are computed once per round over the round's samples (``precomputed``).
     """
     c = base_config()
@@ -239,6 +240,7 @@ def online_recipe(loss_name: str) -> ml_collections.ConfigDict:
     c.data.buckets = (256, 512, 1024)
     c.data.batch_size = 64
     c.data.micro_batch_size = 8
+    c.data.packing = True
     c.model.dtype = "bfloat16"
     c.loss.name = loss_name
     c.loss.beta = 0.1
