@@ -8,6 +8,11 @@ top-k ids/probs, the candidate ids/advantages, the labels and the mask at ``t`` 
 same token, as in the batch keys ``teacher_topk_*``, ``candidate_ids``, ``advantages`` and
 ``loss_mask`` of docs/architecture.md. Leading axes (``...``) are free, e.g. ``[B, L, V]``.
 Means are over the valid (mask = 1) positions of all rows together; 0 when none is valid.
+
+``dckd_from_logps`` and ``sft_adpa_from_logps`` are the same objectives on the student's
+log-probs already gathered at the candidate ids and labels (``[..., L, K]`` and ``[..., L]``),
+for callers that never form full logits (``jaxalign.objectives.distill``); ``dckd`` and
+``sft_adpa`` gather those from full logits and call them.
 """
 
 from __future__ import annotations
@@ -59,15 +64,49 @@ def _with_residual(probs: jax.Array) -> jax.Array:
     return jnp.concatenate([probs, 1.0 - jnp.sum(probs, axis=-1, keepdims=True)], axis=-1)
 
 
-def _label_nll(loss: str, logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
-    """Token-mean NLL of ``labels`` ([..., L]) under label-aligned ``logits``."""
+def _topk_kl(student_logps: jax.Array, teacher_probs: jax.Array, mask: jax.Array) -> jax.Array:
+    """``topk_kl``'s loss from the student's log-probs at the teacher's ids ``[..., K]``."""
+    student = jnp.exp(student_logps)
+    teacher = jnp.clip(_with_residual(jnp.asarray(teacher_probs).astype(student.dtype)), PROB_MIN, PROB_MAX)
+    student = jnp.clip(_with_residual(student), STUDENT_PROB_MIN, PROB_MAX)
+    return masked_mean(jnp.sum(teacher * (jnp.log(teacher) - jnp.log(student)), axis=-1), mask)
+
+
+def _adpa(student_logps: jax.Array, advantages: jax.Array, mask: jax.Array, clip_advantages: bool) -> jax.Array:
+    """``adpa``'s loss from the student's log-probs at the candidate ids ``[..., K]``."""
+    student = jnp.exp(student_logps)
+    advantages = jnp.asarray(advantages).astype(student.dtype)
+    expected = jnp.sum(student * advantages, axis=-1)
+    if clip_advantages:
+        residual = jnp.maximum(1.0 - jnp.sum(student, axis=-1), 0.0)
+        expected = jnp.sum(student * jnp.clip(advantages, PROB_MIN, PROB_MAX), axis=-1) + PROB_MIN * residual
+    return -masked_mean(expected, mask)
+
+
+def _check_gathered(loss: str, mask: jax.Array, per_token: dict[str, jax.Array],
+                    per_candidate: dict[str, jax.Array]) -> None:
+    """Each ``per_token`` array has ``mask``'s shape ``[..., L]``, each ``per_candidate`` one ``[..., L, K]``."""
+    positions = tuple(mask.shape)
+    problems = [f"{name} must have the mask's shape {list(positions)}, got {list(a.shape)}"
+                for name, a in per_token.items() if tuple(a.shape) != positions]
+    shapes = {name: tuple(a.shape) for name, a in per_candidate.items()}
+    problems += [f"{name} must have shape {list(positions)} + [K], got {list(shape)}"
+                 for name, shape in shapes.items() if shape[:-1] != positions]
+    if len(set(shapes.values())) > 1:
+        problems.append("candidate arrays differ: " + ", ".join(f"{n}{list(s)}" for n, s in shapes.items()))
+    if problems:
+        raise ValueError(f"losses.{loss}: " + "; ".join(problems))
+
+
+def _label_logps(loss: str, logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+    """Log-probs ``[..., L]`` of ``labels`` under label-aligned ``logits``."""
     positions = tuple(logits.shape[:-1])
     if tuple(labels.shape) != positions or tuple(mask.shape) != positions:
         raise ValueError(
             f"losses.{loss}: chosen_labels and chosen_mask must have shape {list(positions)}, "
             f"got {list(labels.shape)} and {list(mask.shape)}"
         )
-    return sft(_gathered_logps(logits, labels[..., None])[..., 0], mask)[0]
+    return _gathered_logps(logits, labels[..., None])[..., 0]
 
 
 def topk_kl(
@@ -92,12 +131,7 @@ def topk_kl(
     _check_positions(
         "topk_kl", student_logits, mask, teacher_topk_ids=teacher_topk_ids, teacher_topk_probs=teacher_topk_probs
     )
-    student = jnp.exp(_gathered_logps(student_logits, teacher_topk_ids))
-    teacher = jnp.asarray(teacher_topk_probs).astype(student.dtype)
-    teacher = jnp.clip(_with_residual(teacher), PROB_MIN, PROB_MAX)
-    student = jnp.clip(_with_residual(student), STUDENT_PROB_MIN, PROB_MAX)
-    per_position = jnp.sum(teacher * (jnp.log(teacher) - jnp.log(student)), axis=-1)
-    kl = masked_mean(per_position, mask)
+    kl = _topk_kl(_gathered_logps(student_logits, teacher_topk_ids), teacher_topk_probs, mask)
     tokens = jnp.sum(jnp.asarray(mask).astype(kl.dtype))
     return kl, {"distill/kl": jax.lax.stop_gradient(kl), "distill/tokens": tokens}
 
@@ -127,9 +161,42 @@ def dckd(
     Defaults are the released recipe's (``student_dckd.yaml``): 1.0, 0.1, 0.1. Metrics:
     ``dckd/sft``, ``dckd/chosen_kl``, ``dckd/rejected_kl``.
     """
-    nll = _label_nll("dckd", chosen_logits, chosen_labels, chosen_mask)
-    chosen_kl, _ = topk_kl(chosen_logits, chosen_teacher_topk_ids, chosen_teacher_topk_probs, chosen_mask)
-    rejected_kl, _ = topk_kl(rejected_logits, rejected_teacher_topk_ids, rejected_teacher_topk_probs, rejected_mask)
+    labels = _label_logps("dckd", chosen_logits, chosen_labels, chosen_mask)
+    _check_positions("dckd", chosen_logits, chosen_mask, chosen_teacher_topk_ids=chosen_teacher_topk_ids,
+                     chosen_teacher_topk_probs=chosen_teacher_topk_probs)
+    _check_positions("dckd", rejected_logits, rejected_mask, rejected_teacher_topk_ids=rejected_teacher_topk_ids,
+                     rejected_teacher_topk_probs=rejected_teacher_topk_probs)
+    return dckd_from_logps(
+        labels, _gathered_logps(chosen_logits, chosen_teacher_topk_ids), chosen_teacher_topk_probs, chosen_mask,
+        _gathered_logps(rejected_logits, rejected_teacher_topk_ids), rejected_teacher_topk_probs, rejected_mask,
+        sft_weight=sft_weight, chosen_kl_weight=chosen_kl_weight, rejected_kl_weight=rejected_kl_weight,
+    )
+
+
+def dckd_from_logps(
+    chosen_label_logps: jax.Array,
+    chosen_student_logps: jax.Array,
+    chosen_teacher_topk_probs: jax.Array,
+    chosen_mask: jax.Array,
+    rejected_student_logps: jax.Array,
+    rejected_teacher_topk_probs: jax.Array,
+    rejected_mask: jax.Array,
+    *,
+    sft_weight: float = 1.0,
+    chosen_kl_weight: float = 0.1,
+    rejected_kl_weight: float = 0.1,
+) -> tuple[jax.Array, Metrics]:
+    """``dckd`` on gathered student log-probs: ``chosen_label_logps [..., L]`` of the chosen
+    tokens, ``*_student_logps [..., L, K]`` = ``log_softmax(student logits)`` at the teacher's
+    top-k ids of that response (the residual bin is ``1 - sum exp``). Same loss and metrics."""
+    _check_gathered("dckd_from_logps", chosen_mask, {"chosen_label_logps": chosen_label_logps},
+                    {"chosen_student_logps": chosen_student_logps,
+                     "chosen_teacher_topk_probs": chosen_teacher_topk_probs})
+    _check_gathered("dckd_from_logps", rejected_mask, {}, {"rejected_student_logps": rejected_student_logps,
+                                                           "rejected_teacher_topk_probs": rejected_teacher_topk_probs})
+    nll = sft(chosen_label_logps, chosen_mask)[0]
+    chosen_kl = _topk_kl(chosen_student_logps, chosen_teacher_topk_probs, chosen_mask)
+    rejected_kl = _topk_kl(rejected_student_logps, rejected_teacher_topk_probs, rejected_mask)
     loss = sft_weight * nll + chosen_kl_weight * chosen_kl + rejected_kl_weight * rejected_kl
     metrics = {"dckd/sft": nll, "dckd/chosen_kl": chosen_kl, "dckd/rejected_kl": rejected_kl}
     return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
@@ -159,13 +226,7 @@ def adpa(
     ``adpa/expected_advantage`` (= -loss).
     """
     _check_positions("adpa", student_logits, mask, candidate_ids=candidate_ids, advantages=advantages)
-    student = jnp.exp(_gathered_logps(student_logits, candidate_ids))
-    advantages = jnp.asarray(advantages).astype(student.dtype)
-    expected = jnp.sum(student * advantages, axis=-1)
-    if clip_advantages:
-        residual = jnp.maximum(1.0 - jnp.sum(student, axis=-1), 0.0)
-        expected = jnp.sum(student * jnp.clip(advantages, PROB_MIN, PROB_MAX), axis=-1) + PROB_MIN * residual
-    loss = -masked_mean(expected, mask)
+    loss = _adpa(_gathered_logps(student_logits, candidate_ids), advantages, mask, clip_advantages)
     return loss, {"adpa/expected_advantage": jax.lax.stop_gradient(-loss)}
 
 
@@ -189,7 +250,31 @@ def sft_adpa(
     sequences. Defaults are the released recipe's (``student_adpa.yaml``): 1.0 and 1.6.
     Metrics: ``sft_adpa/sft``, ``sft_adpa/adpa`` and ``adpa/expected_advantage``.
     """
-    nll = _label_nll("sft_adpa", chosen_logits, chosen_labels, chosen_mask)
-    adpa_loss, metrics = adpa(state_logits, candidate_ids, advantages, state_mask, clip_advantages=clip_advantages)
-    metrics = {**metrics, "sft_adpa/sft": jax.lax.stop_gradient(nll), "sft_adpa/adpa": jax.lax.stop_gradient(adpa_loss)}
-    return sft_weight * nll + adpa_weight * adpa_loss, metrics
+    labels = _label_logps("sft_adpa", chosen_logits, chosen_labels, chosen_mask)
+    _check_positions("sft_adpa", state_logits, state_mask, candidate_ids=candidate_ids, advantages=advantages)
+    return sft_adpa_from_logps(labels, chosen_mask, _gathered_logps(state_logits, candidate_ids), advantages,
+                               state_mask, sft_weight=sft_weight, adpa_weight=adpa_weight,
+                               clip_advantages=clip_advantages)
+
+
+def sft_adpa_from_logps(
+    chosen_label_logps: jax.Array,
+    chosen_mask: jax.Array,
+    state_student_logps: jax.Array,
+    advantages: jax.Array,
+    state_mask: jax.Array,
+    *,
+    sft_weight: float = 1.0,
+    adpa_weight: float = 1.6,
+    clip_advantages: bool = False,
+) -> tuple[jax.Array, Metrics]:
+    """``sft_adpa`` on gathered student log-probs: ``chosen_label_logps [..., L]`` of the chosen
+    tokens, ``state_student_logps [..., L, K]`` = ``log_softmax(student logits)`` at the
+    candidate ids (the clipped form's residual is ``1 - sum exp``). Same loss and metrics."""
+    _check_gathered("sft_adpa_from_logps", chosen_mask, {"chosen_label_logps": chosen_label_logps}, {})
+    _check_gathered("sft_adpa_from_logps", state_mask, {},
+                    {"state_student_logps": state_student_logps, "advantages": advantages})
+    nll = sft(chosen_label_logps, chosen_mask)[0]
+    adpa_loss = _adpa(state_student_logps, advantages, state_mask, clip_advantages)
+    metrics = {"adpa/expected_advantage": -adpa_loss, "sft_adpa/sft": nll, "sft_adpa/adpa": adpa_loss}
+    return sft_weight * nll + adpa_weight * adpa_loss, jax.tree.map(jax.lax.stop_gradient, metrics)

@@ -168,7 +168,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
     total_steps = build.total_steps(config, loaders.train, accum)
     if is_main:
         _warn_about_schedule(config, total_steps)
-    objective = from_config(config.loss, config.reference.mode)
+    objective = from_config(config.loss, config.reference.mode, config.distill)
     policy = build.build_policy(config, mesh, objective)
 
     mode = config.reference.mode
