@@ -72,6 +72,14 @@ def online_overrides(recipe: str) -> list[str]:
     return [*ONLINE_OVERRIDES, f"--config.online.reward_function={REWARD_FUNCTION}"]
 
 
+def distill_overrides(recipe: str, model: str) -> list[str]:
+    """Distillation recipes: the tiny model is its own teacher (and reference): same tokenizer."""
+    if os.path.basename(recipe) not in ("dckd.py", "adpa.py"):
+        return []
+    return [f"--config.distill.teacher={model}", f"--config.distill.teacher_reference={model}",
+            "--config.distill.top_k=5", "--config.distill.max_new_tokens=8", "--config.steps=2"]
+
+
 def is_online(recipe: str) -> bool:
     return os.path.basename(recipe).startswith("online_")
 
@@ -83,6 +91,7 @@ def test_recipe_trains_a_few_steps(recipe, tiny_model, tmp_path, capsys):
     argv = ["jaxalign.train", "--config", recipe, "--workdir", str(workdir), *tiny_overrides(tiny_model, name in EVALUATED)]
     if is_online(recipe):
         argv += online_overrides(recipe)
+    argv += distill_overrides(recipe, tiny_model)
     config, _, _ = parse_command_line(argv)
     assert main(argv) == 0, capsys.readouterr().err
     if is_online(recipe):

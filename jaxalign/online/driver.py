@@ -69,7 +69,7 @@ from jaxalign.train import build
 from jaxalign.train.batches import BatchPlacer
 from jaxalign.train.checkpoint import CheckpointError, RunCheckpoints, abstract_like
 from jaxalign.train.config import ConfigError, grad_accum_steps, micro_batch_size, validate
-from jaxalign.train.loop import CONFIG_FILE, RunResult, _check_resume, _write_config, export
+from jaxalign.train.loop import RunResult, _check_resume, _write_config, export
 from jaxalign.train.metrics import MetricsLog, Progress, read_metrics
 from jaxalign.train.runner import Cadence, StepRunner
 from jaxalign.train.step import reference_keys
@@ -142,7 +142,7 @@ def _scorers(config: ml_collections.ConfigDict, mesh: Mesh, functions: str, rewa
     if reward_model:
         from jaxalign.scoring.reward_model import RewardModel
 
-        path = _reward_model_dir(reward_model)
+        path = build.model_dir(reward_model, "online.reward_model")
         try:
             model = RewardModel.load(path, mesh=mesh, dtype=config.model.dtype)
         except (OSError, ValueError, models.CheckpointError, models.UnsupportedModelError) as e:
@@ -153,20 +153,6 @@ def _scorers(config: ml_collections.ConfigDict, mesh: Mesh, functions: str, rewa
     except RewardError as e:
         raise RunError(str(e)) from None
     return scorers
-
-
-def _reward_model_dir(path: str) -> str:
-    """A reward-model run directory's export, or ``path`` itself (an HF checkpoint)."""
-    if os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isdir(os.path.join(path, "checkpoints")):
-        export = os.path.join(path, "export")
-        if not os.path.isfile(os.path.join(export, "config.json")):
-            raise RunError(f"online.reward_model {path} is a run directory without an export yet: finish that run "
-                           "(its export is written at the end) or name a checkpoint directory")
-        return export
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise RunError(f"online.reward_model {path} holds no config.json (a Hugging Face sequence-classification "
-                       "checkpoint, or a jaxalign reward-model run directory, is expected)")
-    return path
 
 
 def _prompts(config: ml_collections.ConfigDict, tokenizer: Any) -> tuple[list[Prompt], list[Prompt], str]:

@@ -43,7 +43,7 @@ from jaxalign.train.step import device_keys, make_eval_step, make_train_step
 __all__ = [
     "Model", "RunError", "Steps", "batch_devices", "batch_placer", "build_data", "build_mesh", "build_policy",
     "build_reference", "build_state", "build_steps", "build_tokenizer", "check_context", "forward_for",
-    "resolve_inputs", "total_steps",
+    "load_model", "model_dir", "resolve_inputs", "total_steps",
 ]
 
 
@@ -180,7 +180,8 @@ def total_steps(config: ml_collections.ConfigDict, train_loader: Loader, accum: 
     return max(1, math.ceil(config.epochs * train_loader.batches_in_epoch(0) / accum))
 
 
-def _load(config: ml_collections.ConfigDict, path: str, mesh: Mesh) -> Model:
+def load_model(config: ml_collections.ConfigDict, path: str, mesh: Mesh) -> Model:
+    """The checkpoint at ``path`` with the run's dtypes and layout, its parameters placed on ``mesh``."""
     try:
         model = models.from_pretrained(
             path, dtype=jnp.dtype(config.model.dtype), param_dtype=jnp.dtype(config.model.param_dtype),
@@ -192,9 +193,24 @@ def _load(config: ml_collections.ConfigDict, path: str, mesh: Mesh) -> Model:
     return Model(graphdef, params, model.config)
 
 
+def model_dir(path: str, key: str) -> str:
+    """``path`` if it holds a checkpoint (``config.json``), else the export of the jaxalign run
+    directory ``path``; ``RunError`` naming ``key`` when neither is there."""
+    if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(os.path.join(path, "checkpoints")):
+        return path
+    export = os.path.join(path, "export")
+    if os.path.isfile(os.path.join(export, "config.json")):
+        return export
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        raise RunError(f"{key} {path} is a run directory without an export yet: finish that run (its export is "
+                       "written at the end) or name a checkpoint directory")
+    raise RunError(f"{key} {path} holds no config.json (a Hugging Face checkpoint directory or a jaxalign run "
+                   "directory is expected)")
+
+
 def build_policy(config: ml_collections.ConfigDict, mesh: Mesh, objective: Objective) -> Model:
     """The policy from ``model.path``; ``params`` is ``{"model": ..., **objective's extra}``."""
-    policy = _load(config, config.model.path, mesh)
+    policy = load_model(config, config.model.path, mesh)
     extra = objective.init_extra(policy.config, config.seed) if objective.init_extra else {}
     return dataclasses.replace(policy, params={"model": policy.params, **extra})
 
@@ -204,7 +220,7 @@ def build_reference(config: ml_collections.ConfigDict, mesh: Mesh, policy: Model
     policy's initial weights."""
     path = config.reference.path
     if path and os.path.abspath(path) != os.path.abspath(config.model.path):
-        return _load(config, path, mesh)
+        return load_model(config, path, mesh)
     return Model(policy.graphdef, jax.tree.map(jnp.copy, policy.params["model"]), policy.config)
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "describe",
     "flatten",
     "grad_accum_steps",
+    "distill_recipe",
     "micro_batch_size",
     "online_recipe",
     "preference_recipe",
@@ -257,6 +258,32 @@ def online_recipe(loss_name: str) -> ml_collections.ConfigDict:
     c.online.sample_batch_size = 32
     c.online.epochs = 2
     c.online.eval_prompts = 64
+    return c
+
+
+def distill_recipe(loss_name: str) -> ml_collections.ConfigDict:
+    """``base_config()`` with the settings of the ADPA paper's released student recipes
+    (docs/losses.md section 5; student_dckd.yaml, student_adpa.yaml): AdamW at 5e-7, cosine with
+    10% warmup, 32 pairs per step, one epoch, sequences up to 1024 tokens, bfloat16 compute, no
+    reference model (the teachers' signals are cached before training)."""
+    c = base_config()
+    c.steps = 0
+    c.epochs = 1.0
+    c.log_every = 10
+    c.eval_every = 100
+    c.checkpoint_every = 500
+    c.data.max_length = 1024
+    c.data.max_prompt_length = 512
+    c.data.buckets = (256, 512, 1024)
+    c.data.batch_size = 32
+    c.data.micro_batch_size = 8
+    c.model.dtype = "bfloat16"
+    c.loss.name = loss_name
+    c.reference.mode = "none"
+    c.optimizer.name = "adamw"
+    c.optimizer.learning_rate = 5e-7
+    c.optimizer.warmup_steps = 10
+    c.optimizer.schedule = "cosine"
     return c
 
 

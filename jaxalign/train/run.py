@@ -2,8 +2,9 @@
 
 Order (``jaxalign.train.build``): multi-host start-up, mesh, the tiny model and synthetic data
 when asked for, tokenizer, data loaders, the objective, policy parameters (placed on the mesh
-as they are read), the reference (a frozen copy, or the precomputed log-prob cache; VPO's
-calibration samples), optimizer and state, the jitted steps, the batch placers.
+as they are read), the teachers' signals of a distillation loss (``jaxalign.train.distill``), the
+reference (a frozen copy, or the precomputed log-prob cache; VPO's calibration samples),
+optimizer and state, the jitted steps, the batch placers.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from jaxalign.scoring.forward import sequence_logps_fn
 from jaxalign.train import build
 from jaxalign.train.batches import BatchPlacer
 from jaxalign.train.build import Model, RunError
-from jaxalign.train.config import grad_accum_steps, validate
+from jaxalign.train.config import DISTILL_LOSSES, grad_accum_steps, validate
+from jaxalign.train.distill import attach_teacher_signals
 from jaxalign.train.state import TrainState
 from jaxalign.train.step import reference_keys
 
@@ -174,6 +176,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
     mode = config.reference.mode
     reference, reference_params, caches = None, None, {}
     split_loaders = {"train": loaders.train, "eval": loaders.eval}
+    if config.loss.name in DISTILL_LOSSES:
+        split_loaders = attach_teacher_signals(config, workdir, split_loaders, tokenizer, policy, mesh, is_main,
+                                               batch_size=lambda loader: _cache_batch_size(config, loader, mesh))
     if objective.uses_reference or objective.sequences_per_pair == 3:
         reference = build.build_reference(config, mesh, policy)
         if objective.sequences_per_pair == 3:
