@@ -15,7 +15,7 @@ LAYERS = {
     **dict.fromkeys(("scoring", "sampling"), 2),
     **dict.fromkeys(("caches", "objectives"), 3),
     "train": 4,
-    **dict.fromkeys(("online", "bench"), 5),
+    **dict.fromkeys(("online", "bench", "distill"), 5),
     "sample": 5,
 }
 

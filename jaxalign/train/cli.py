@@ -143,14 +143,18 @@ def parse_command_line(argv: Sequence[str], *, check: bool = True) -> tuple[ml_c
     return fv.config, fv.workdir, recipe
 
 
-# The drivers, by name: the offline trainer, and the online driver (``online.rounds > 0``). The
-# online driver sits above the trainer (docs/architecture.md, "Layering"); the command line
-# names it, as an entry point does, and imports it only when a config asks for it.
-DRIVERS = {"offline": "jaxalign.train.loop", "online": "jaxalign.online.driver"}
+# The drivers, by name: the offline trainer, the online driver (``online.rounds > 0``) and the
+# distillation pipelines (``distill.pipeline``). The latter two sit above the trainer
+# (docs/architecture.md, "Layering"); the command line names them, as an entry point does, and
+# imports one only when a config asks for it.
+DRIVERS = {"offline": "jaxalign.train.loop", "online": "jaxalign.online.driver",
+           "distill": "jaxalign.distill.pipeline"}
 
 
 def driver(config: ml_collections.ConfigDict) -> Any:
     """The module whose ``train(config, workdir) -> RunResult`` runs ``config``."""
+    if config.distill.pipeline != "none":
+        return importlib.import_module(DRIVERS["distill"])
     return importlib.import_module(DRIVERS["online" if config.online.rounds else "offline"])
 
 

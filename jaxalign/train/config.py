@@ -138,6 +138,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.distill.adpa_clip = False  # ADPA: clamp advantages to [1e-8, 1) as the released code does (paper form: False)
     c.distill.max_new_tokens = 256  # ADPA: most tokens of the student's greedy generations (the states)
     c.distill.cache_dir = ""  # teacher top-k / advantage caches; "" = WORKDIR/distill_cache
+    c.distill.pipeline = "none"  # none | adpa_plus: DCKD then ADPA from the DCKD student | quickstart: the distillation quickstart's stages (jaxalign/distill/pipeline.py)
 
     c.online = ml_collections.ConfigDict()  # the online driver: rounds of sample -> score -> pair -> train (docs/online.md)
     c.online.rounds = 0  # online rounds; 0 = offline training on the pairs of data.train (then no other online.* key is read)
@@ -309,6 +310,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "online.reference": ("initial", "previous_round"),
     "online.train_on": ("current_round", "all_rounds"),
     "online.bootstrap": ("none", "synthetic"),
+    "distill.pipeline": ("none", "adpa_plus", "quickstart"),
 }
 
 # Numeric ranges: key -> (low, high, low included, high included); None = unbounded.

@@ -1,0 +1,1 @@
+"""Distillation pipelines (ADPA+, the distillation quickstart): chains of offline runs."""
