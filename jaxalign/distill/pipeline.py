@@ -37,7 +37,7 @@ from jaxalign.sampling import FINISH_STOP, SamplingConfig, sample
 from jaxalign.tokenizers import load_tokenizer, stop_ids
 from jaxalign.train import build
 from jaxalign.train.config import DISTILL_LOSSES, base_config
-from jaxalign.train.loop import RunResult, train as train_offline
+from jaxalign.train.loop import RunResult, run_directory, train as train_offline
 from jaxalign.train.metrics import MetricsLog, read_metrics
 
 __all__ = ["EVALUATED", "QUICKSTART", "train"]
@@ -164,7 +164,7 @@ def quickstart(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
 def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
     """Runs the pipeline ``config.distill.pipeline`` in ``workdir`` (module docstring)."""
     workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
-    if config.distill.pipeline == "adpa_plus":
-        return adpa_plus(config, workdir)
-    return quickstart(config, workdir)
+    with run_directory(config, workdir):
+        if config.distill.pipeline == "adpa_plus":
+            return adpa_plus(config, workdir)
+        return quickstart(config, workdir)

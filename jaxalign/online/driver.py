@@ -27,7 +27,6 @@ phase, with the same seeds, and ends with the same parameters as an uninterrupte
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -59,7 +58,6 @@ from jaxalign.online import pairs as pairing
 from jaxalign.online.prompts import Prompt, at_positions, load_prompts, round_positions, split_eval
 from jaxalign.online.rewards import ARGUMENTS, RewardError, Scorer, combine, function_scorer, parse_functions
 from jaxalign.online.rounds import RoundFiles
-from jaxalign.runtime.compilation_cache import CompilationCacheError, compilation_cache
 from jaxalign.runtime.preemption import StopAgreement, StopSignals
 from jaxalign.runtime.profiling import PROFILE_DIR, StepTrace
 from jaxalign.sampling import FINISH_STOP, Samples, SamplingConfig, sample
@@ -68,8 +66,8 @@ from jaxalign.tokenizers import stop_ids
 from jaxalign.train import build
 from jaxalign.train.batches import BatchPlacer
 from jaxalign.train.checkpoint import CheckpointError, RunCheckpoints, abstract_like
-from jaxalign.train.config import ConfigError, grad_accum_steps, micro_batch_size, validate
-from jaxalign.train.loop import RunResult, _check_resume, _write_config, export
+from jaxalign.train.config import grad_accum_steps, micro_batch_size, validate
+from jaxalign.train.loop import RunResult, _check_resume, _write_config, export, run_directory
 from jaxalign.train.metrics import MetricsLog, Progress, read_metrics
 from jaxalign.train.runner import Cadence, StepRunner
 from jaxalign.train.step import reference_keys
@@ -654,17 +652,7 @@ def _log_rounds(log: MetricsLog, run: Online, upto: int) -> None:
 def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
     """Runs (or resumes) the online run of ``config`` in ``workdir``; see the module docstring."""
     workdir = os.path.abspath(workdir)
-    validate(config)
-    parallel.initialize_distributed(config.distributed)
-    try:
-        os.makedirs(workdir, exist_ok=True)
-    except OSError as e:
-        raise RunError(f"cannot create the run directory {workdir}: {e.strerror or e}") from None
-    with contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(compilation_cache(config.compilation_cache_dir, workdir))
-        except CompilationCacheError as e:
-            raise ConfigError(str(e)) from None
+    with run_directory(config, workdir):
         if config.online.bootstrap != "none":
             from jaxalign.online.bootstrap import bootstrap
 

@@ -56,7 +56,7 @@ from jaxalign.train.metrics import MetricsLog, Progress
 from jaxalign.train.run import Run, RunError, prepare
 from jaxalign.train.runner import SHOWN_EVAL, Cadence, Outcome, StepRunner
 
-__all__ = ["RESUMABLE_KEYS", "STATUSES", "RunError", "RunResult", "evaluate", "export", "train"]
+__all__ = ["RESUMABLE_KEYS", "STATUSES", "RunError", "RunResult", "evaluate", "export", "run_directory", "train"]
 
 # Config keys that may change when a run is resumed: the length of the run (with a schedule
 # that does not depend on it: see ``_check_resume``), logging cadence,
@@ -254,8 +254,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     SIGTERM/SIGINT during the steps end it the same way (status ``interrupted``).
     """
     workdir = os.path.abspath(workdir)
+    with run_directory(config, workdir):
+        return _train(config, workdir, stop_at_step)
+
+
+@contextlib.contextmanager
+def run_directory(config: ml_collections.ConfigDict, workdir: str) -> Iterator[None]:
+    """What every driver does before building a run: validates ``config``, starts the
+    multi-host runtime (before anything touches JAX's backend: Orbax does), creates ``workdir``
+    and turns on the persistent compilation cache for the run's duration."""
     validate(config)
-    parallel.initialize_distributed(config.distributed)  # before anything touches JAX's backend (Orbax does)
+    parallel.initialize_distributed(config.distributed)
     try:
         os.makedirs(workdir, exist_ok=True)
     except OSError as e:
@@ -265,7 +274,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
             stack.enter_context(compilation_cache(config.compilation_cache_dir, workdir))
         except CompilationCacheError as e:
             raise ConfigError(str(e)) from None
-        return _train(config, workdir, stop_at_step)
+        yield
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | None) -> RunResult:
