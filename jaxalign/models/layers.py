@@ -115,7 +115,9 @@ class Embed(nnx.Module):
 class Projection(nnx.Module):
     """``y = einsum(equation, x, kernel) + bias``; the kernel's first ``n_in`` dims are contracted.
 
-    The bias (optional) has the kernel's remaining dims and axes.
+    The bias (optional) has the kernel's remaining dims and axes. With LoRA adapters
+    (``jaxalign.models.lora.add_adapters``: ``lora_a [*in, r]``, ``lora_b [r, *out]``) it is
+    ``y = x W + bias + lora_scale * (x A) B``.
     """
 
     def __init__(self, kernel_shape: tuple[int, ...], axes: Axes, equation: str, *, n_in: int, bias: bool,
@@ -123,11 +125,20 @@ class Projection(nnx.Module):
         self.kernel = init(kernel_shape, axes, param_dtype)
         self.bias = nnx.data(init(kernel_shape[n_in:], axes[n_in:], param_dtype, init="zeros") if bias else None)
         self.equation = equation
+        self.n_in = n_in
         self.dtype = dtype
+        self.lora_a = nnx.data(None)
+        self.lora_b = nnx.data(None)
+        self.lora_scale = 0.0
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # Accumulated in float32 in both passes (jaxalign.precision), then cast.
         y = mixed_einsum(self.equation, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
+        if self.lora_a is not None:
+            xa = jnp.tensordot(x.astype(self.dtype), self.lora_a[...].astype(self.dtype), axes=self.n_in,
+                               preferred_element_type=jnp.float32)
+            xa = (self.lora_scale * xa).astype(self.dtype)
+            y = y + jnp.tensordot(xa, self.lora_b[...].astype(self.dtype), axes=1, preferred_element_type=jnp.float32)
         return y.astype(self.dtype)

@@ -31,6 +31,7 @@ from jaxalign.data.loader import Loader
 from jaxalign.data.records import DataError
 from jaxalign.data.pipeline import Loaders, build_loaders_from_config
 from jaxalign.data.synthetic import SYNTHETIC_SOURCE, synthetic_records, write_synthetic
+from jaxalign.models.lora import add_adapters
 from jaxalign.models.tiny import ensure_tiny_checkpoint
 from jaxalign.objectives import Objective
 from jaxalign.scoring.forward import Forward
@@ -180,8 +181,9 @@ def total_steps(config: ml_collections.ConfigDict, train_loader: Loader, accum: 
     return max(1, math.ceil(config.epochs * train_loader.batches_in_epoch(0) / accum))
 
 
-def load_model(config: ml_collections.ConfigDict, path: str, mesh: Mesh) -> Model:
-    """The checkpoint at ``path`` with the run's dtypes and layout, its parameters placed on ``mesh``."""
+def load_model(config: ml_collections.ConfigDict, path: str, mesh: Mesh, *, lora: bool = False) -> Model:
+    """The checkpoint at ``path`` with the run's dtypes and layout, its parameters placed on ``mesh``;
+    with ``lora``, fresh adapters of the ``lora`` config group on its projections."""
     try:
         model = models.from_pretrained(
             path, dtype=jnp.dtype(config.model.dtype), param_dtype=jnp.dtype(config.model.param_dtype),
@@ -189,6 +191,9 @@ def load_model(config: ml_collections.ConfigDict, path: str, mesh: Mesh) -> Mode
         )
     except (FileNotFoundError, models.CheckpointError, models.UnsupportedModelError) as e:
         raise RunError(f"loading {path}: {e}") from None
+    if lora:
+        add_adapters(model, rank=config.lora.rank, alpha=config.lora.alpha, targets=tuple(config.lora.targets),
+                     seed=config.seed, sharding_fn=parallel.sharding_fn(mesh))
     graphdef, params = nnx.split(model, nnx.Param)
     return Model(graphdef, params, model.config)
 
@@ -209,8 +214,9 @@ def model_dir(path: str, key: str) -> str:
 
 
 def build_policy(config: ml_collections.ConfigDict, mesh: Mesh, objective: Objective) -> Model:
-    """The policy from ``model.path``; ``params`` is ``{"model": ..., **objective's extra}``."""
-    policy = load_model(config, config.model.path, mesh)
+    """The policy from ``model.path``; ``params`` is ``{"model": ..., **objective's extra}`` (with
+    ``lora.rank > 0`` the model's parameters hold its adapters too: ``models.lora.split_adapters``)."""
+    policy = load_model(config, config.model.path, mesh, lora=config.lora.rank > 0)
     extra = objective.init_extra(policy.config, config.seed) if objective.init_extra else {}
     return dataclasses.replace(policy, params={"model": policy.params, **extra})
 
@@ -250,7 +256,7 @@ def build_steps(
     """The jitted train and eval steps of ``objective`` (graphs of the policy and reference)."""
     reference_forward = forward_for(config, reference, mesh) if reference is not None else None
     common = dict(forward=forward_for(config, policy, mesh), objective=objective, reference_mode=config.reference.mode,
-                  reference=reference_forward)
+                  reference=reference_forward, lora=config.lora.rank > 0)
     train = make_train_step(
         optimizer=optimizer, schedule=schedule, state_shardings=state_shardings,
         batch_sharding=NamedSharding(mesh, PartitionSpec(None, BATCH_AXES)),

@@ -22,6 +22,7 @@ from jaxalign.parallel.mesh import mesh_config_dict
 
 __all__ = [
     "ALLOWED",
+    "ALLOWED_LORA_TARGETS",
     "RANGES",
     "ConfigError",
     "base_config",
@@ -113,6 +114,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.reference.path = ""  # reference checkpoint; "" = model.path (the initial policy)
     c.reference.cache_dir = ""  # precomputed log-prob cache; "" = WORKDIR/reference_cache
     c.reference.cache_batch_size = 0  # pairs per batch of the forward-only cache pass (all processes); 0 = 4 x micro-batch
+
+    c.lora = ml_collections.ConfigDict()  # LoRA adapters: train only low-rank updates of the base projections (the reference is the base with adapters off)
+    c.lora.rank = 0  # adapter rank r (0 = off: full fine-tuning)
+    c.lora.alpha = 16.0  # scale of the adapter update: y = x W + (alpha / r) * (x A) B
+    c.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj")  # projections that get adapters (see ALLOWED_LORA_TARGETS)
 
     c.optimizer = ml_collections.ConfigDict()  # optimizer, learning-rate schedule, clipping
     c.optimizer.name = "adamw"  # adamw | sgd | adafactor
@@ -334,9 +340,10 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
         "optimizer.warmup_steps", "optimizer.max_grad_norm", "optimizer.weight_decay", "loss.vpo_alpha",
         "loss.reward_margin", "distributed.num_processes", "online.rounds", "online.temperature", "online.top_k",
         "online.missing_eos_penalty", "online.tie_margin", "online.eval_prompts", "distill.sft_weight",
-        "distill.chosen_kl_weight", "distill.rejected_kl_weight", "distill.adpa_weight",
+        "distill.chosen_kl_weight", "distill.rejected_kl_weight", "distill.adpa_weight", "lora.rank",
     ), _AT_LEAST_0),
-    **dict.fromkeys(("optimizer.learning_rate", "optimizer.eps", "loss.beta", "online.bootstrap_learning_rate"),
+    **dict.fromkeys(("optimizer.learning_rate", "optimizer.eps", "loss.beta", "online.bootstrap_learning_rate",
+                     "lora.alpha"),
                     _ABOVE_0),
     "online.top_p": (0, 1, False, True),
     "optimizer.end_factor": (0, 1, True, True),
@@ -481,6 +488,8 @@ def _iter_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
         yield from _online_problems(get)
     if get("loss.name") in DISTILL_LOSSES:
         yield from _distill_problems(get)
+    if get("lora.rank"):
+        yield from _lora_problems(get)
     if not get("data.train"):
         yield "config key 'data.train' is empty: name the training data"
     if not get("model.path"):
@@ -528,6 +537,31 @@ def _distill_problems(get: Any) -> Iterator[str]:
     if get("loss.name") == "adpa" and not get("distill.teacher_reference"):
         yield ("config key 'distill.teacher_reference' is empty: ADPA's advantages need the teacher's reference; set "
                "--config.distill.teacher_reference=PATH (the teacher's SFT checkpoint)")
+
+
+# Projections that may carry LoRA adapters (config key ``lora.targets``): Llama family, then GPT-2.
+ALLOWED_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                        "c_attn", "c_proj", "c_fc")
+
+
+def _lora_problems(get: Any) -> Iterator[str]:
+    """The rules of a LoRA run (``lora.rank > 0``)."""
+    targets = get("lora.targets")
+    if not targets:
+        yield "config key 'lora.targets' is empty: name the projections that get adapters"
+    for target in targets or ():
+        if target not in ALLOWED_LORA_TARGETS:
+            matches = difflib.get_close_matches(str(target), ALLOWED_LORA_TARGETS, n=1)
+            hint = f" (did you mean {matches[0]!r}?)" if matches else ""
+            yield (f"config key 'lora.targets' holds unknown projection {target!r}{hint}; allowed: "
+                   f"{', '.join(ALLOWED_LORA_TARGETS)}")
+    if get("online.rounds"):
+        yield "LoRA is not supported with the online driver yet: set --config.lora.rank=0 or --config.online.rounds=0"
+    if get("loss.name") in DISTILL_LOSSES:
+        yield f"LoRA is not supported with distillation (loss.name = {get('loss.name')!r}) yet: set --config.lora.rank=0"
+    if get("reference.path"):
+        yield ("config key 'reference.path' must be empty with LoRA: the reference is the base model with the "
+               "adapters switched off")
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -47,6 +47,7 @@ from flax import nnx
 
 from jaxalign import models, parallel
 from jaxalign.data.batching import stack_micro_batches
+from jaxalign.models.lora import join_adapters, merge_adapters, save_adapter
 from jaxalign.runtime.compilation_cache import CompilationCacheError, compilation_cache
 from jaxalign.runtime.preemption import StopSignals
 from jaxalign.runtime.profiling import PROFILE_DIR, StepTrace
@@ -188,12 +189,21 @@ def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     os.replace(tmp, path)
 
 
-def export(workdir: str, graphdef: Any, params: Any, tokenizer: Any) -> str:
+def export(workdir: str, graphdef: Any, params: Any, tokenizer: Any, *, lora_base: Any = None,
+           lora_alpha: float = 0.0, base_model: str = "") -> str:
     """``WORKDIR/export``: the policy (``params["model"]``) as an HF causal LM, or, when the
     params hold a reward head, the reward model as an HF sequence classifier
-    (``models.save_pretrained``). Every process calls it."""
+    (``models.save_pretrained``). With ``lora_base`` (the frozen base weights; ``params["model"]``
+    are the adapters) the adapters are written in PEFT format to ``WORKDIR/export/adapter``
+    (for ``base_model``) and merged into the exported weights, ``W + (alpha / r) A B``. Every
+    process calls it."""
     out = os.path.join(workdir, "export")
-    model = nnx.merge(graphdef, params["model"])
+    if lora_base is None:
+        model = nnx.merge(graphdef, params["model"])
+    else:
+        model = nnx.merge(graphdef, join_adapters(lora_base, params["model"]))
+        save_adapter(model, os.path.join(out, "adapter"), alpha=lora_alpha, base_model=base_model)
+        merge_adapters(model)
     head = params["head"]["kernel"] if "head" in params else None
     models.save_pretrained(model, out, tokenizer=tokenizer, overwrite=True, reward_head=head)
     return out
@@ -325,7 +335,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | 
                 if problem:
                     status, message = "nonfinite", problem
             if status == "finished" and c.checkpoint.export:
-                export_dir = export(run.workdir, run.graphdef, outcome.state.params, run.tokenizer)
+                lora = c.lora.rank > 0
+                export_dir = export(run.workdir, run.graphdef, outcome.state.params, run.tokenizer,
+                                    lora_base=run.reference_params if lora else None, lora_alpha=c.lora.alpha,
+                                    base_model=c.model.path)
         finally:
             trace.close()
             progress.close()

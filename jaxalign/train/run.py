@@ -5,6 +5,11 @@ when asked for, tokenizer, data loaders, the objective, policy parameters (place
 as they are read), the teachers' signals of a distillation loss (``jaxalign.train.distill``), the
 reference (a frozen copy, or the precomputed log-prob cache; VPO's calibration samples),
 optimizer and state, the jitted steps, the batch placers.
+
+LoRA (``lora.rank > 0``): the train state holds the adapters (and the objective's extra
+parameters) only; the frozen base weights are ``Run.reference_params``, which the steps take
+as their third argument whatever the reference mode (``jaxalign.train.step``). The reference is
+the base with the adapters off: no copy of the weights.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from jaxalign.caches.reference import CoverageError, ReferenceCache, build_refer
 from jaxalign.data.loader import Loader
 from jaxalign.data.pipeline import mask_for_loss
 from jaxalign.data.sources import resolve_source
+from jaxalign.models.lora import adapters_off, split_adapters
 from jaxalign.objectives import Objective, from_config
 from jaxalign.perf.utilisation import flops_per_token, peak_flops
 from jaxalign.scoring.forward import sequence_logps_fn
@@ -172,6 +178,11 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
         _warn_about_schedule(config, total_steps)
     objective = from_config(config.loss, config.reference.mode, config.distill)
     policy = build.build_policy(config, mesh, objective)
+    lora = config.lora.rank > 0
+    trainable, base = policy.params, None
+    if lora:
+        adapters, base = split_adapters(policy.params["model"])
+        trainable = {**policy.params, "model": adapters}
 
     mode = config.reference.mode
     reference, reference_params, caches = None, None, {}
@@ -180,7 +191,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
         split_loaders = attach_teacher_signals(config, workdir, split_loaders, tokenizer, policy, mesh, is_main,
                                                batch_size=lambda loader: _cache_batch_size(config, loader, mesh))
     if objective.uses_reference or objective.sequences_per_pair == 3:
-        reference = build.build_reference(config, mesh, policy)
+        reference = (Model(policy.graphdef, adapters_off(base, adapters), policy.config) if lora
+                     else build.build_reference(config, mesh, policy))
         if objective.sequences_per_pair == 3:
             split_loaders = _calibrated(config, workdir, split_loaders, tokenizer, reference, is_main)
         if mode == "precomputed":
@@ -188,9 +200,12 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
         if mode == "frozen":
             reference_params = reference.params
     train_loader, eval_loader = split_loaders["train"], split_loaders["eval"]
+    reference_config = reference.config if reference_params is not None else None
+    if lora:
+        reference_params = base  # the steps' third argument; the reference forward is the policy's graph
 
-    state, shardings, optimizer, schedule = build.build_state(config, policy.params, mesh, total_steps)
-    in_step = reference if reference_params is not None else None
+    state, shardings, optimizer, schedule = build.build_state(config, trainable, mesh, total_steps)
+    in_step = reference if reference_params is not None and not lora else None
     steps = build.build_steps(config, mesh, objective, policy=policy.graphdef,
                               reference=in_step.graphdef if in_step else None, optimizer=optimizer,
                               schedule=schedule, state_shardings=shardings)
@@ -209,6 +224,6 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
         place_train=placer("train", train_loader),
         place_eval=placer("eval", eval_loader) if eval_loader is not None else None, is_main=is_main,
         eval_start=eval_loader.get_state() if eval_loader is not None else None,
-        flops_per_token=flops_per_token(policy.config, in_step.config if in_step else None),
+        flops_per_token=flops_per_token(policy.config, reference_config),
         peak_flops=peak_flops(config.peak_flops_per_device, mesh.local_devices, config.model.dtype),
     )

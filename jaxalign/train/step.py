@@ -25,6 +25,11 @@ finite leaves the parameters and optimizer state unchanged and is counted; after
 ``max_consecutive_nonfinite`` such steps in a row every later step is a no-op (the loop then
 stops). All of it is ``jnp.where`` inside the step: no host round trip.
 
+LoRA (``lora=True``): ``state.params["model"]`` holds only the adapters and the step's third
+argument is the frozen base weights. The policy is ``base + adapters`` (gradients and optimizer
+state for the adapters alone); the frozen reference is the same base with every adapter zero,
+``y = x W``: no second copy of the weights.
+
 Metrics: the objective's (``rewards/*``, ``logps/*``, ...), ``loss``, ``grad_norm`` (before
 clipping), ``learning_rate`` (the schedule at the optimizer's count of applied updates),
 ``num_pairs``, ``num_tokens``, ``finite`` (1.0 when the loss and gradient norm are finite,
@@ -42,6 +47,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxalign.losses.reductions import safe_ratio
+from jaxalign.models.lora import adapters_off, join_adapters
 from jaxalign.objectives import STEP_KEYS, Objective, unit_weight
 from jaxalign.scoring.forward import Forward
 from jaxalign.train.guard import guarded_state, inject_nan
@@ -83,11 +89,22 @@ def _reference_logps(
     return jnp.concatenate([batch[k] for k in reference_keys(objective, reference_mode)]).astype(jnp.float32)
 
 
-def _micro_loss(objective: Objective, forward: Forward) -> Callable[..., tuple[jax.Array, tuple[Metrics, jax.Array]]]:
-    """``(params, reference_sums, batch) -> (loss, (metrics, weight))`` for one micro-batch."""
+def _with_base(params: Any, base: Any) -> Any:
+    """LoRA: the objective's parameters from the trained adapters and the frozen ``base``."""
+    return params if base is None else {**params, "model": join_adapters(base, params["model"])}
 
-    def loss_fn(params: Any, reference: jax.Array | None, batch: Batch):
-        loss, metrics = objective.loss_fn(forward, params, batch, reference)
+
+def _reference_params(params: Any, reference_params: Any, lora: bool) -> Any:
+    """The reference forward's parameters: the frozen copy, or (LoRA) the base with adapters off."""
+    return adapters_off(reference_params, params["model"]) if lora else reference_params
+
+
+def _micro_loss(objective: Objective, forward: Forward) -> Callable[..., tuple[jax.Array, tuple[Metrics, jax.Array]]]:
+    """``(params, reference_sums, batch, base=None) -> (loss, (metrics, weight))`` for one
+    micro-batch; ``base``: LoRA's frozen base weights (``params["model"]`` are the adapters)."""
+
+    def loss_fn(params: Any, reference: jax.Array | None, batch: Batch, base: Any = None):
+        loss, metrics = objective.loss_fn(forward, _with_base(params, base), batch, reference)
         return loss, (metrics, objective.weight(batch))
 
     return loss_fn
@@ -110,6 +127,7 @@ def make_train_step(
     batch_sharding: Any = None,
     max_consecutive_nonfinite: int = 0,
     nan_at_steps: tuple[int, ...] = (),
+    lora: bool = False,
 ) -> Callable[..., tuple[TrainState, Metrics]]:
     """The jitted step ``(state, batch, reference_params=None) -> (state, metrics)``.
 
@@ -119,7 +137,8 @@ def make_train_step(
     for the output (do not use the old state afterwards). Optional ``state_shardings`` (a
     pytree of shardings matching the state) and ``batch_sharding`` pin the layouts; otherwise
     they follow the inputs. ``max_consecutive_nonfinite`` halts the guard (0 = never);
-    ``nan_at_steps`` is the NaN-injection TEST HOOK (``inject_nan``).
+    ``nan_at_steps`` is the NaN-injection TEST HOOK (``inject_nan``). ``lora``: the third
+    argument is the frozen base weights (module docstring), whatever the reference mode.
     """
     reference_keys(objective, reference_mode)  # checks the mode
     reference = forward if reference is None else reference
@@ -129,9 +148,12 @@ def make_train_step(
         total = objective.weight(batch)
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
 
+        base = reference_params if lora else None
+        ref_params = _reference_params(state.params, reference_params, lora)
+
         def body(grads: Any, micro: Batch):
-            ref = _reference_logps(objective, reference_mode, reference, reference_params, micro)
-            (loss, (metrics, weight)), g = grad_fn(state.params, ref, micro)
+            ref = _reference_logps(objective, reference_mode, reference, ref_params, micro)
+            (loss, (metrics, weight)), g = grad_fn(state.params, ref, micro, base)
             share = safe_ratio(weight, total)
             grads = jax.tree.map(lambda acc, x: acc + share * x.astype(jnp.float32), grads, g)
             return grads, (loss, metrics, share)
@@ -175,20 +197,22 @@ def make_eval_step(
     objective: Objective,
     reference_mode: str = "frozen",
     reference: Forward | None = None,
+    lora: bool = False,
 ) -> Callable[..., Metrics]:
     """The jitted ``(params, batch, reference_params=None) -> metrics`` on one plain batch.
 
     Metrics are the objective's and ``loss``, as weighted means over the batch's units (real
     pairs, or tokens), plus ``weight`` (that count) so that the caller can average over
-    batches: ``sum_b weight_b * m_b / sum_b weight_b``.
+    batches: ``sum_b weight_b * m_b / sum_b weight_b``. ``lora``: as in ``make_train_step``.
     """
     reference_keys(objective, reference_mode)
     reference = forward if reference is None else reference
     loss_fn = _micro_loss(objective, forward)
 
     def evaluate(params: Any, batch: Batch, reference_params: Any = None) -> Metrics:
-        ref = _reference_logps(objective, reference_mode, reference, reference_params, batch)
-        loss, (metrics, weight) = loss_fn(params, ref, batch)
+        ref = _reference_logps(objective, reference_mode, reference, _reference_params(params, reference_params, lora),
+                               batch)
+        loss, (metrics, weight) = loss_fn(params, ref, batch, reference_params if lora else None)
         return {**metrics, "loss": loss, "weight": weight}
 
     return jax.jit(evaluate)

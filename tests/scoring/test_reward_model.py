@@ -172,7 +172,7 @@ def test_mesh_splits_rows_and_gives_the_same_scores(rm, rm_dir):
 
 
 def test_checkpoint_written_by_transformers(rm, tmp_path):
-    torch = pytest.importorskip("torch")
+    import torch
     transformers = pytest.importorskip("transformers")
     tok = rm.tokenizer
     config = transformers.LlamaConfig(vocab_size=round_up(len(tok)), hidden_size=D, intermediate_size=64,

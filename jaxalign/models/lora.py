@@ -1,0 +1,151 @@
+"""LoRA adapters on the decoders' projections, merging them, and the PEFT adapter format.
+
+A projection ``y = x W`` with ``W [*in, *out]`` gets ``A [*in, r]`` and ``B [r, *out]``:
+
+    y = x W + (alpha / r) * (x A) B.
+
+``A`` is drawn as peft's default (``kaiming_uniform_(a=sqrt(5))`` on its ``[r, in]`` weight:
+``U(-1/sqrt(in), 1/sqrt(in))``), ``B = 0``, so a fresh adapter leaves the model unchanged.
+Adapters are ``LoRAParam`` variables (a subclass of ``nnx.Param``): ``nnx.split(model,
+LoRAParam, nnx.Param)`` separates them from the base weights. ``A`` carries the input's
+logical axes and ``B`` the output's (the rank axis is replicated), so the rule table of
+``jaxalign.parallel`` shards them like the kernel they adapt.
+
+PEFT layout (``save_adapter``): ``base_model.model.<HF module>.lora_A.weight [r, in]`` and
+``lora_B.weight [out, r]``, with ``in``/``out`` flattened as in the HF kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxalign.models.causal_lm import CausalLM
+from jaxalign.models.hf_export import _to_host
+from jaxalign.models.hf_names import tensor_mappings
+from jaxalign.models.layers import Projection
+from jaxalign.models.safetensors_io import save_file
+
+__all__ = [
+    "LoRAParam", "adapted_projections", "adapters_off", "add_adapters", "join_adapters", "merge_adapters", "save_adapter",
+    "split_adapters",
+]
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+
+ShardingFn = Callable[[tuple[str | None, ...], tuple[int, ...]], jax.sharding.Sharding]
+
+
+class LoRAParam(nnx.Param):
+    """A LoRA adapter matrix: trained, while the base weights (plain ``nnx.Param``) stay frozen."""
+
+
+def _lora_param(value: np.ndarray, axes: tuple[str | None, ...], dtype, sharding_fn: ShardingFn | None) -> LoRAParam:
+    if sharding_fn is None:
+        array = jnp.asarray(value.astype(dtype))
+    else:
+        array = jax.device_put(value.astype(dtype), sharding_fn(axes, value.shape))
+    return LoRAParam(array, out_sharding=axes, eager_sharding=False)
+
+
+def adapted_projections(model: CausalLM) -> list[tuple[tuple, Projection]]:
+    """``(path, projection)`` of every projection that holds an adapter, in graph order."""
+    return [(path, m) for path, m in nnx.iter_graph(model) if isinstance(m, Projection) and m.lora_a is not None]
+
+
+def add_adapters(model: CausalLM, *, rank: int, alpha: float, targets: Sequence[str], seed: int = 0,
+                 sharding_fn: ShardingFn | None = None) -> CausalLM:
+    """Puts a rank-``rank`` adapter on every projection named in ``targets`` (in place); returns
+    ``model``. ``ValueError`` when ``rank < 1`` or a target names no projection of the model."""
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    rng = np.random.default_rng(seed)
+    found = set()
+    for path, module in list(nnx.iter_graph(model)):
+        if not (isinstance(module, Projection) and path and path[-1] in targets):
+            continue
+        found.add(path[-1])
+        kernel = module.kernel[...]
+        shape, axes = kernel.shape, tuple(module.kernel.get_metadata()["out_sharding"])
+        n_in, dtype = module.n_in, np.dtype(kernel.dtype)
+        fan_in = int(np.prod(shape[:n_in]))
+        bound = 1.0 / np.sqrt(fan_in)
+        a = rng.uniform(-bound, bound, (*shape[:n_in], rank)).astype(np.float32)
+        b = np.zeros((rank, *shape[n_in:]), np.float32)
+        module.lora_a = _lora_param(a, (*axes[:n_in], None), dtype, sharding_fn)
+        module.lora_b = _lora_param(b, (None, *axes[n_in:]), dtype, sharding_fn)
+        module.lora_scale = alpha / rank
+    missing = sorted(set(targets) - found)
+    if missing:
+        raise ValueError(f"LoRA targets {missing} name no projection of the {model.config.family} model")
+    return model
+
+
+def merge_adapters(model: CausalLM) -> CausalLM:
+    """Folds each adapter into its kernel, ``W <- W + (alpha / r) A B`` (float32, then the
+    kernel's dtype), and removes the adapters (in place); returns ``model``."""
+    for _, module in adapted_projections(model):
+        kernel = module.kernel[...]
+        delta = jnp.tensordot(module.lora_a[...].astype(jnp.float32), module.lora_b[...].astype(jnp.float32), axes=1)
+        module.kernel[...] = (kernel.astype(jnp.float32) + module.lora_scale * delta).astype(kernel.dtype)
+        module.lora_a = nnx.data(None)
+        module.lora_b = nnx.data(None)
+        module.lora_scale = 0.0
+    return model
+
+
+def save_adapter(model: CausalLM, path: str | os.PathLike, *, alpha: float, base_model: str = "") -> Path:
+    """Writes the adapters of ``model`` as a PEFT LoRA directory (``adapter_config.json`` and
+    ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained`` loads onto the base
+    checkpoint; returns ``path``. Every process calls it; process 0 writes."""
+    adapted = adapted_projections(model)
+    if not adapted:
+        raise ValueError("the model holds no LoRA adapters")
+    hf_names = {m.path: m.hf_name for m in tensor_mappings(model.config)}
+    tensors, targets, ranks = {}, set(), set()
+    for where, module in adapted:
+        name = _PEFT_PREFIX + hf_names[(*where, "kernel")].removesuffix(".weight")
+        a = _to_host(module.lora_a[...]).astype(np.float32)
+        b = _to_host(module.lora_b[...]).astype(np.float32)
+        rank = a.shape[-1]
+        tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, rank).T)
+        tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(b.reshape(rank, -1).T)
+        targets.add(str(where[-1]))
+        ranks.add(rank)
+    path = Path(path)
+    if jax.process_index() != 0:
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, path / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": ranks.pop(), "lora_alpha": alpha, "lora_dropout": 0.0,
+        "target_modules": sorted(targets), "bias": "none", "fan_in_fan_out": model.config.is_gpt2,
+        "base_model_name_or_path": base_model, "inference_mode": True, "init_lora_weights": True,
+        "modules_to_save": None, "use_rslora": False, "use_dora": False,
+    }
+    (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def split_adapters(params: nnx.State) -> tuple[nnx.State, nnx.State]:
+    """``(adapters, base)``: the ``LoRAParam`` and the other leaves of a model's parameters."""
+    return nnx.split_state(params, LoRAParam, ...)
+
+
+def join_adapters(base: nnx.State, adapters: nnx.State) -> nnx.State:
+    """The model's parameters from its base weights and its adapters (no copy)."""
+    return nnx.merge_state(base, adapters)
+
+
+def adapters_off(base: nnx.State, adapters: nnx.State) -> nnx.State:
+    """The parameters with every adapter zero: ``y = x W`` exactly (the base model)."""
+    return nnx.merge_state(base, jax.tree.map(jnp.zeros_like, adapters))

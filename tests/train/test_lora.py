@@ -1,0 +1,85 @@
+"""LoRA in the trainer: only adapters in the train state, reference = base with adapters off
+(step-1 DPO loss ln 2), base weights untouched, resume, and the merged + PEFT export."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file
+
+from jaxalign.models.lora import LoRAParam
+from jaxalign.train.config import ConfigError, validate
+from jaxalign.train.loop import train
+from jaxalign.train.run import prepare
+
+TARGETS = ("q_proj", "v_proj", "down_proj")
+
+
+def _lora(make_config, **overrides):
+    return make_config(**{"lora.rank": 4, "lora.alpha": 8.0, "lora.targets": TARGETS,
+                          "optimizer.learning_rate": 1e-2, **overrides})
+
+
+def test_lora_state_holds_only_adapters_and_their_moments(make_config, tmp_path):
+    run = prepare(_lora(make_config), str(tmp_path))
+    leaves = nnx.to_flat_state(run.state.params["model"])
+    assert leaves and all(isinstance(v, LoRAParam) for _, v in leaves)
+    assert {k[-2] for k, _ in leaves} == set(TARGETS) and {k[-1] for k, _ in leaves} == {"lora_a", "lora_b"}
+    adapter_size = sum(v[...].size for _, v in leaves)
+    moments = sum(x.size for x in jax.tree.leaves(run.state.opt_state) if getattr(x, "ndim", 0) > 0)
+    assert moments == 2 * adapter_size  # adamw: mu and nu of the adapters, nothing of the base
+    base = nnx.to_flat_state(run.reference_params)
+    assert not any(isinstance(v, LoRAParam) for _, v in base)
+
+
+@pytest.mark.parametrize("mode", ["frozen", "precomputed"])
+def test_lora_dpo_starts_at_ln2_and_trains_only_adapters(make_config, tmp_path, metrics_by_step, tiny_model_dir, mode):
+    config = _lora(make_config, **{"steps": 3, "reference.mode": mode, "checkpoint.export": True})
+    result = train(config, tmp_path / "run")
+    metrics = metrics_by_step(tmp_path / "run")
+    assert metrics[1]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert metrics[3]["loss"] != pytest.approx(math.log(2), abs=1e-4)
+
+    # The merged export: targeted kernels moved, every other tensor is the base's, bit for bit.
+    base = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    merged = load_file(os.path.join(result.export_dir, "model.safetensors"))
+    assert base.keys() == merged.keys()
+    for name in base:
+        changed = not np.array_equal(base[name], merged[name])
+        assert changed == any(f".{t}." in name for t in TARGETS), name
+
+    adapter = os.path.join(result.export_dir, "adapter")
+    cfg = json.load(open(os.path.join(adapter, "adapter_config.json")))
+    assert (cfg["peft_type"], cfg["task_type"], cfg["r"], cfg["lora_alpha"]) == ("LORA", "CAUSAL_LM", 4, 8.0)
+    assert sorted(cfg["target_modules"]) == sorted(TARGETS)
+    weights = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+    a = weights["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
+    b = weights["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
+    assert a.shape == (4, 32) and b.shape == (32, 4) and np.abs(b).max() > 0
+
+
+def test_lora_resume_matches_uninterrupted_run(make_config, tmp_path, metrics_by_step):
+    config = _lora(make_config, **{"steps": 4, "checkpoint_every": 2})
+    train(config, tmp_path / "full")
+    train(config, tmp_path / "part", stop_at_step=2)
+    resumed = train(config, tmp_path / "part")
+    assert resumed.resumed_from == 2
+    a, b = metrics_by_step(tmp_path / "full"), metrics_by_step(tmp_path / "part")
+    for step in a:
+        for key, value in a[step].items():
+            assert b[step][key] == pytest.approx(value, abs=1e-6), (step, key)
+
+
+def test_bad_lora_config_is_refused(make_config):
+    with pytest.raises(ConfigError, match=r"'lora.rank' must be >= 0, got -1"):
+        validate(make_config(**{"lora.rank": -1}))
+    with pytest.raises(ConfigError, match=r"unknown projection 'q_prj' \(did you mean 'q_proj'\?\)"):
+        validate(make_config(**{"lora.rank": 8, "lora.targets": ("q_prj",)}))
+    with pytest.raises(ConfigError, match="LoRA is not supported with the online driver yet"):
+        validate(make_config(**{"lora.rank": 8, "online.rounds": 1, "online.reward_function": "m:f"}))
