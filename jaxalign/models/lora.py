@@ -34,8 +34,8 @@ from jaxalign.models.layers import Projection
 from jaxalign.models.safetensors_io import save_file
 
 __all__ = [
-    "LoRAParam", "adapted_projections", "adapters_off", "add_adapters", "join_adapters", "merge_adapters", "save_adapter",
-    "split_adapters",
+    "LoRAParam", "adapted_projections", "adapters_off", "add_adapters", "join_adapters", "load_adapter",
+    "merge_adapters", "save_adapter", "split_adapters",
 ]
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -134,6 +134,40 @@ def save_adapter(model: CausalLM, path: str | os.PathLike, *, alpha: float, base
     }
     (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def load_adapter(model: CausalLM, path: str | os.PathLike) -> dict:
+    """Sets the adapters of ``model`` (added by ``add_adapters``) to a PEFT LoRA directory's
+    weights (the inverse of ``save_adapter``: ``A = lora_A.T``, ``B = lora_B.T``, each placed with
+    the adapter's own sharding); returns its ``adapter_config.json``. ``ValueError`` naming what
+    does not match (a missing file, another rank, a projection the directory lacks or holds
+    beyond the model's adapters)."""
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (path / name).is_file():
+            raise ValueError(f"{path} is not a PEFT LoRA adapter directory: no {name}")
+    config = json.loads((path / ADAPTER_CONFIG).read_text())
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{path}/{ADAPTER_CONFIG}: peft_type {config.get('peft_type')!r}, not 'LORA'")
+    tensors = load_file(str(path / ADAPTER_WEIGHTS))
+    hf_names = {m.path: m.hf_name for m in tensor_mappings(model.config)}
+    for where, module in adapted_projections(model):
+        name = _PEFT_PREFIX + hf_names[(*where, "kernel")].removesuffix(".weight")
+        try:
+            a, b = tensors.pop(f"{name}.lora_A.weight"), tensors.pop(f"{name}.lora_B.weight")
+        except KeyError:
+            raise ValueError(f"{path}: no adapter for {name} (the run adapts {where[-1]})") from None
+        for variable, value in ((module.lora_a, a.T), (module.lora_b, b.T)):
+            current = variable[...]
+            if value.size != current.size:
+                raise ValueError(f"{path}: {name} has rank {a.shape[0]}, the run's adapters rank "
+                                 f"{current.shape[-1] if variable is module.lora_a else current.shape[0]}")
+            variable[...] = jax.device_put(jnp.asarray(value.reshape(current.shape), current.dtype), current.sharding)
+    if tensors:
+        raise ValueError(f"{path}: adapters for projections the run does not adapt: {sorted(tensors)[:3]}")
+    return config
 
 
 def split_adapters(params: nnx.State) -> tuple[nnx.State, nnx.State]:

@@ -31,7 +31,7 @@ from jaxalign.data.loader import Loader
 from jaxalign.data.records import DataError
 from jaxalign.data.pipeline import Loaders, build_loaders_from_config
 from jaxalign.data.synthetic import SYNTHETIC_SOURCE, synthetic_records, write_synthetic
-from jaxalign.models.lora import add_adapters
+from jaxalign.models.lora import add_adapters, load_adapter
 from jaxalign.models.tiny import ensure_tiny_checkpoint
 from jaxalign.objectives import Objective
 from jaxalign.scoring.forward import Forward
@@ -183,7 +183,8 @@ def total_steps(config: ml_collections.ConfigDict, train_loader: Loader, accum: 
 
 def load_model(config: ml_collections.ConfigDict, path: str, mesh: Mesh, *, lora: bool = False) -> Model:
     """The checkpoint at ``path`` with the run's dtypes and layout, its parameters placed on ``mesh``;
-    with ``lora``, fresh adapters of the ``lora`` config group on its projections."""
+    with ``lora``, adapters of the ``lora`` config group on its projections (fresh, or read from
+    the PEFT directory ``lora.adapter``)."""
     try:
         model = models.from_pretrained(
             path, dtype=jnp.dtype(config.model.dtype), param_dtype=jnp.dtype(config.model.param_dtype),
@@ -194,6 +195,14 @@ def load_model(config: ml_collections.ConfigDict, path: str, mesh: Mesh, *, lora
     if lora:
         add_adapters(model, rank=config.lora.rank, alpha=config.lora.alpha, targets=tuple(config.lora.targets),
                      seed=config.seed, sharding_fn=parallel.sharding_fn(mesh))
+        if config.lora.adapter:
+            try:
+                adapter = load_adapter(model, config.lora.adapter)
+            except ValueError as e:
+                raise RunError(f"lora.adapter: {e}") from None
+            if float(adapter.get("lora_alpha", config.lora.alpha)) != config.lora.alpha:
+                raise RunError(f"lora.adapter {config.lora.adapter}: lora_alpha {adapter['lora_alpha']}, the run's "
+                               f"lora.alpha {config.lora.alpha}: set --config.lora.alpha={adapter['lora_alpha']}")
     graphdef, params = nnx.split(model, nnx.Param)
     return Model(graphdef, params, model.config)
 

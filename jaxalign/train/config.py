@@ -119,6 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.lora.rank = 0  # adapter rank r (0 = off: full fine-tuning)
     c.lora.alpha = 16.0  # scale of the adapter update: y = x W + (alpha / r) * (x A) B
     c.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj")  # projections that get adapters (see ALLOWED_LORA_TARGETS)
+    c.lora.adapter = ""  # a PEFT LoRA adapter directory to start from (its rank, alpha and targets must be the run's); "" = fresh adapters
 
     c.optimizer = ml_collections.ConfigDict()  # optimizer, learning-rate schedule, clipping
     c.optimizer.name = "adamw"  # adamw | sgd | adafactor
@@ -490,6 +491,8 @@ def _iter_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
         yield from _distill_problems(get)
     if get("lora.rank"):
         yield from _lora_problems(get)
+    elif get("lora.adapter"):
+        yield "config key 'lora.adapter' needs --config.lora.rank > 0 (the adapter's rank)"
     if not get("data.train"):
         yield "config key 'data.train' is empty: name the training data"
     if not get("model.path"):

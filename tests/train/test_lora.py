@@ -100,3 +100,28 @@ def test_the_quickstart_learns_with_lora_adapters(tmp_path, capsys):
     assert evals[0]["eval/rewards/accuracies"] == 0.0 and evals[0]["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert evals[-1]["eval/rewards/accuracies"] >= 0.9 and evals[-1]["eval/loss"] < 0.6
     assert os.path.isfile(tmp_path / "run" / "export" / "adapter" / "adapter_model.safetensors")
+
+
+def test_a_run_starts_from_a_peft_adapter_and_refuses_a_mismatched_one(make_config, tmp_path):
+    """``lora.adapter``: the new run's adapters are the directory's (``A = lora_A.T``,
+    ``B = lora_B.T``); another rank or another alpha is a clear error."""
+    from jaxalign.train.build import RunError
+
+    first = train(_lora(make_config, **{"steps": 2, "checkpoint.export": True}), tmp_path / "first")
+    adapter = os.path.join(first.export_dir, "adapter")
+    weights = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+    run = prepare(_lora(make_config, **{"lora.adapter": adapter}), str(tmp_path / "second"))
+    layer = nnx.to_flat_state(run.state.params["model"])
+    loaded = {k: np.asarray(jax.device_get(v[...])) for k, v in layer}
+    q_a = next(v for k, v in loaded.items() if k[-2] == "q_proj" and k[-1] == "lora_a" and "0" in map(str, k))
+    q_b = next(v for k, v in loaded.items() if k[-2] == "q_proj" and k[-1] == "lora_b" and "0" in map(str, k))
+    name = "base_model.model.model.layers.0.self_attn.q_proj"
+    np.testing.assert_array_equal(q_a.reshape(-1, 4), weights[f"{name}.lora_A.weight"].T)
+    np.testing.assert_array_equal(q_b.reshape(4, -1), weights[f"{name}.lora_B.weight"].T)
+    assert np.abs(q_b).max() > 0  # trained, not fresh (B starts at 0)
+    with pytest.raises(RunError, match="rank 4, the run's adapters rank 8"):
+        prepare(_lora(make_config, **{"lora.adapter": adapter, "lora.rank": 8}), str(tmp_path / "third"))
+    with pytest.raises(RunError, match="lora_alpha 8.0, the run's lora.alpha 16.0"):
+        prepare(_lora(make_config, **{"lora.adapter": adapter, "lora.alpha": 16.0}), str(tmp_path / "fourth"))
+    with pytest.raises(ConfigError, match="'lora.adapter' needs --config.lora.rank > 0"):
+        validate(make_config(**{"lora.adapter": adapter}))
