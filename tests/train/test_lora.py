@@ -125,3 +125,23 @@ def test_a_run_starts_from_a_peft_adapter_and_refuses_a_mismatched_one(make_conf
         prepare(_lora(make_config, **{"lora.adapter": adapter, "lora.alpha": 16.0}), str(tmp_path / "fourth"))
     with pytest.raises(ConfigError, match="'lora.adapter' needs --config.lora.rank > 0"):
         validate(make_config(**{"lora.adapter": adapter}))
+
+
+def test_lora_on_eight_devices_and_with_accumulation_equals_one_device(make_config, tmp_path, metrics_by_step):
+    """LoRA DPO, 3 steps of 8 pairs: one device, a (data=2, fsdp=2, tensor=2) mesh of 8 devices and
+    4 micro-batches of 2 give the same losses and adapters (SGD: float noise stays small)."""
+    if jax.device_count() < 8:
+        pytest.skip(f"needs 8 devices, this process has {jax.device_count()}")
+    sgd = {"steps": 3, "data.batch_size": 8, "optimizer.name": "sgd", "optimizer.learning_rate": 0.5,
+           "optimizer.schedule": "constant", "checkpoint.export": True}
+    layouts = {"one": {}, "mesh": {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2},
+               "accumulation": {"data.micro_batch_size": 2}}
+    runs = {name: train(_lora(make_config, **sgd, **extra), tmp_path / name) for name, extra in layouts.items()}
+    losses = {name: [metrics_by_step(tmp_path / name)[s]["loss"] for s in (1, 2, 3)] for name in layouts}
+    adapters = {name: load_file(os.path.join(r.export_dir, "adapter", "adapter_model.safetensors"))
+                for name, r in runs.items()}
+    for name in ("mesh", "accumulation"):
+        np.testing.assert_allclose(losses[name], losses["one"], rtol=0, atol=1e-5)
+        for key, value in adapters["one"].items():
+            np.testing.assert_allclose(adapters[name][key], value, rtol=0, atol=1e-5, err_msg=f"{name} {key}")
+    assert losses["one"][2] < losses["one"][0]
