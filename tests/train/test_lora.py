@@ -145,3 +145,19 @@ def test_lora_on_eight_devices_and_with_accumulation_equals_one_device(make_conf
         for key, value in adapters["one"].items():
             np.testing.assert_allclose(adapters[name][key], value, rtol=0, atol=1e-5, err_msg=f"{name} {key}")
     assert losses["one"][2] < losses["one"][0]
+
+
+@pytest.mark.parametrize("loss", ["sft", "bradley_terry", "ipo"])
+def test_lora_trains_the_other_objectives(loss, make_config, tmp_path, metrics_by_step, tiny_model_dir):
+    """SFT, a reward model (its head trains beside the adapters) and IPO run with LoRA: finite
+    losses that move, the base weights untouched outside the merged adapters, an export."""
+    reference = "none" if loss in ("sft", "bradley_terry") else "frozen"
+    result = train(_lora(make_config, **{"steps": 3, "loss.name": loss, "reference.mode": reference,
+                                         "checkpoint.export": True}), tmp_path / "run")
+    losses = [metrics_by_step(tmp_path / "run")[s]["loss"] for s in (1, 2, 3)]
+    assert all(math.isfinite(v) for v in losses) and losses[2] != losses[0]
+    base = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    merged = load_file(os.path.join(result.export_dir, "model.safetensors"))
+    untouched = [k for k in base if not any(f".{t}." in k for t in TARGETS) and k in merged]
+    assert untouched and all(np.array_equal(base[k], merged[k]) for k in untouched)
+    assert os.path.isfile(os.path.join(result.export_dir, "adapter", "adapter_model.safetensors"))
