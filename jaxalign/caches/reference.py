@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxalign import parallel
 from jaxalign.caches.fingerprint import fingerprint, host_array
 from jaxalign.caches.store import ArrayStore
 from jaxalign.data.loader import Loader
@@ -116,13 +117,7 @@ def compute_cache(
     pending = None
     for batch in batches:
         sums = reference_sums(batch)
-        local = np.asarray(batch["example_index"])
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            index = np.asarray(multihost_utils.process_allgather(local, tiled=True))
-        else:
-            index = local
+        index = parallel.gathered_rows(np.asarray(batch["example_index"]))
         if pending is not None:
             collect(*pending)
         pending = (sums, index)

@@ -38,6 +38,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxalign import parallel
 from jaxalign.caches.fingerprint import fingerprint, host_array
 from jaxalign.caches.reference import cache_loader
 from jaxalign.caches.store import ArrayStore
@@ -130,15 +131,6 @@ class SideCache:
         return {key: value[start:stop] for key, value in self.arrays.items()}
 
 
-def _gathered(local: np.ndarray) -> np.ndarray:
-    """A host array of this process's rows, as the global batch's rows of every process."""
-    if jax.process_count() == 1:
-        return local
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(local, tiled=True))
-
-
 def _compute(loader: Loader, fn: PassFn, names: tuple[str, ...], *, batch_size: int, progress: Progress,
              name: str) -> SideCache:
     """Runs ``fn`` over one epoch of ``cache_loader(loader, batch_size)`` and keeps, per sequence,
@@ -163,7 +155,7 @@ def _compute(loader: Loader, fn: PassFn, names: tuple[str, ...], *, batch_size: 
     for batch in progress(cache_loader(loader, batch_size), name):
         outputs = fn(batch)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        layout = tuple(_gathered(np.asarray(batch[k])) for k in ("sequence_ids", "loss_mask", "example_index"))
+        layout = tuple(parallel.gathered_rows(np.asarray(batch[k])) for k in ("sequence_ids", "loss_mask", "example_index"))
         if pending is not None:
             collect(*pending)
         pending = (outputs, *layout)

@@ -409,17 +409,9 @@ def sequence_logps(run: Online, params: Any, sequences: list[EncodedSequence]) -
     out = np.full(len(sequences), np.nan)
     for host in loader:
         sums = host_array(run.logps_fn(params, parallel.global_batch({k: host[k] for k in SCORE_KEYS}, run.mesh)))
-        index = _gather_tiled(np.asarray(host["example_index"]))
+        index = parallel.gathered_rows(np.asarray(host["example_index"]))
         out[index[index >= 0]] = sums[index >= 0]
     return out
-
-
-def _gather_tiled(value: np.ndarray) -> np.ndarray:
-    if jax.process_count() == 1:
-        return value
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(value, tiled=True))
 
 
 def _calibration(run: Online, files: RoundFiles, prompts: list[Prompt], reference: Any) -> dict[int, np.ndarray]:

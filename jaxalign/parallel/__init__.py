@@ -3,7 +3,7 @@
 See docs/architecture.md ("Parallelism") for the contract and docs/scaling.md for usage.
 """
 
-from jaxalign.parallel.batch import DataShard, batch_sharding, data_shard, global_batch
+from jaxalign.parallel.batch import DataShard, batch_sharding, data_shard, gathered_rows, global_batch
 from jaxalign.parallel.distributed import (
     DistributedInfo,
     barrier,
@@ -33,6 +33,7 @@ __all__ = [
     "batch_sharding",
     "create_sharded",
     "data_shard",
+    "gathered_rows",
     "distributed_config",
     "global_batch",
     "initialize_distributed",

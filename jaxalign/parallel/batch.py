@@ -90,3 +90,13 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str,
             )
         out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
     return out
+
+
+def gathered_rows(local: np.ndarray) -> np.ndarray:
+    """A host array of this process's rows of a global batch, as the rows of every process in
+    process order (all-gathered across processes; itself on one process)."""
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(local, tiled=True))
