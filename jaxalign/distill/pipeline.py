@@ -90,7 +90,9 @@ def _stage(config: ml_collections.ConfigDict, workdir: str, name: str) -> RunRes
 def adpa_plus(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
     """DCKD, then ADPA from the DCKD student (module docstring)."""
     dckd = _stage(_derive(config, loss__name="dckd"), workdir, "dckd")
-    return _stage(_derive(config, loss__name="adpa", model__path=dckd.export_dir), workdir, "adpa")
+    # With LoRA each stage trains adapters on its starting model; DCKD's export is merged, so a
+    # starting adapter (lora.adapter) belongs to the first stage only.
+    return _stage(_derive(config, loss__name="adpa", model__path=dckd.export_dir, lora__adapter=""), workdir, "adpa")
 
 
 def greedy_reward(config: ml_collections.ConfigDict, model_dir: str, prompts: list[Any], mesh: Any) -> float:

@@ -53,6 +53,7 @@ from jaxalign.data.encoding import EncodedExample, EncodedPair, EncodedSequence
 from jaxalign.data.formats import KeyMap
 from jaxalign.data.loader import Loader
 from jaxalign.data.records import DataError
+from jaxalign.models.lora import adapters_off, join_adapters
 from jaxalign.objectives import Objective, from_config
 from jaxalign.online import pairs as pairing
 from jaxalign.online.prompts import Prompt, at_positions, load_prompts, round_positions, split_eval
@@ -105,6 +106,7 @@ class Online:
     graphdef: nnx.GraphDef
     state: Any
     initial_reference: Any  # the initial policy's parameters (online.reference = initial), else None
+    base: Any  # LoRA's frozen base weights (the state holds the adapters), else None
     objective: Objective
     train_step: Any
     logps_fn: Any
@@ -194,11 +196,13 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Online:
     mode = "none" if config.reference.mode == "none" else "precomputed"
     objective = from_config(config.loss, mode, config.distill)
     policy = build.build_policy(config, mesh, objective)
+    trainable, base = build.trainable(config, policy)
     initial = None
     if objective.uses_reference and o.reference == "initial":
-        initial = build.build_reference(config, mesh, policy).params
+        initial = (adapters_off(base, trainable["model"]) if base is not None
+                   else build.build_reference(config, mesh, policy).params)
     steps = planned_steps(config)
-    state, shardings, optimizer, schedule = build.build_state(config, policy.params, mesh, steps)
+    state, shardings, optimizer, schedule = build.build_state(config, trainable, mesh, steps)
     train_step = build.build_steps(config, mesh, objective, policy=policy.graphdef, reference=None,
                                    optimizer=optimizer, schedule=schedule, state_shardings=shardings).train
     scorers = _scorers(config, mesh, o.reward_function, o.reward_model)
@@ -217,7 +221,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Online:
     return Online(
         config=config, workdir=workdir, mesh=mesh, tokenizer=tokenizer, train_prompts=train_prompts,
         eval_prompts=eval_prompts, prompt_summary=summary, graphdef=policy.graphdef, state=state,
-        initial_reference=initial, objective=objective, train_step=train_step,
+        initial_reference=initial, base=base, objective=objective, train_step=train_step,
         logps_fn=sequence_logps_fn(build.forward_for(config, policy.graphdef, mesh), 1), scorers=scorers,
         weights=weights, eval_scorers=eval_scorers, eval_weights=eval_weights, sampling=sampling, pad_id=int(pad),
         bos_id=tokenizer.bos_token_id, accum=grad_accum_steps(config), is_main=is_main,
@@ -225,6 +229,11 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Online:
 
 
 # -- phases ------------------------------------------------------------------------------------
+
+
+def model_params(run: Online, params: Any) -> Any:
+    """The policy model's parameters from the train state's: with LoRA, its adapters joined to the base (no copy)."""
+    return params["model"] if run.base is None else join_adapters(run.base, params["model"])
 
 
 def _kill_point(run: Online, round_index: int, phase: str) -> None:
@@ -310,7 +319,7 @@ def _sample_round(run: Online, files: RoundFiles, state: Any) -> tuple[Round, di
             first[0] = False
             _kill_point(run, files.index, "sample")
 
-    out, seconds, tokens = _generate(run, state.params["model"], prompts, positions, run.sampling,
+    out, seconds, tokens = _generate(run, model_params(run, state.params), prompts, positions, run.sampling,
                                      f"round {files.index}: sampling", kill_after_first_call)
     samples = _round_from_samples(run, positions, prompts, out)
     if run.is_main:
@@ -468,7 +477,7 @@ def _reference_round(run: Online, files: RoundFiles, samples: Round, result: pai
     ``reference/``: computed once per round, never per epoch."""
     trained = _trained_pairs(run, files, samples, result)
     vpo = run.objective.sequences_per_pair == 3
-    reference = run.initial_reference if run.initial_reference is not None else state.params["model"]
+    reference = run.initial_reference if run.initial_reference is not None else model_params(run, state.params)
     calibration = (_calibration(run, files, [src.prompts[row] for src, row, _, _ in trained], reference)
                    if vpo and trained else {})
     m, k = samples.stopped.shape
@@ -672,6 +681,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
         train_step=run.train_step, place=None, cadence=Cadence(log_every=c.log_every, checkpoint_every=c.checkpoint_every,
                                                                 max_consecutive_nonfinite=c.max_consecutive_nonfinite),
         mesh=run.mesh, checkpoints=checkpoints, log=log, progress=None, trace=trace, checkpoint_meta=None,
+        reference_params=run.base,
     )
     status, message, train_metrics, last = "finished", "", {}, {}
     skipped = 0
@@ -680,7 +690,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
         try:
             zero = RoundFiles(workdir, 0)
             if zero.summary() is None:
-                metrics = {"round": 0, **_evaluate(run, state.params["model"])}
+                metrics = {"round": 0, **_evaluate(run, model_params(run, state.params))}
                 _finish_round(run, log, zero, step, metrics)
             last = zero.summary()
             covered = trained_rounds(meta)
@@ -721,7 +731,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
                         break
                 if done is None:
                     metrics = {"round": r, **_round_metrics(samples, rewards, result, reference), **timings,
-                               "online/rounds_skipped": skipped, **_evaluate(run, state.params["model"])}
+                               "online/rounds_skipped": skipped, **_evaluate(run, model_params(run, state.params))}
                     _finish_round(run, log, files, step, metrics)
                 last = files.summary()
             if status == "finished" and step > 0 and checkpoints.latest_step() != step:
@@ -734,7 +744,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
             log.close()
     export_dir = None
     if status == "finished" and c.checkpoint.export and step > 0:
-        export_dir = export(workdir, run.graphdef, state.params, run.tokenizer)
+        export_dir = export(workdir, run.graphdef, state.params, run.tokenizer, lora_base=run.base,
+                            lora_alpha=c.lora.alpha, base_model=c.model.path)
     checkpoints.close()
     eval_metrics = {k: v for k, v in (last or {}).items() if k.startswith("eval/")}
     return RunResult(workdir=workdir, step=step, resumed_from=None if meta is None else int(meta["step"]),

@@ -31,7 +31,7 @@ from jaxalign.data.loader import Loader
 from jaxalign.data.records import DataError
 from jaxalign.data.pipeline import Loaders, build_loaders_from_config
 from jaxalign.data.synthetic import SYNTHETIC_SOURCE, synthetic_records, write_synthetic
-from jaxalign.models.lora import add_adapters, load_adapter
+from jaxalign.models.lora import add_adapters, load_adapter, split_adapters
 from jaxalign.models.tiny import ensure_tiny_checkpoint
 from jaxalign.objectives import Objective
 from jaxalign.scoring.forward import Forward
@@ -228,6 +228,19 @@ def build_policy(config: ml_collections.ConfigDict, mesh: Mesh, objective: Objec
     policy = load_model(config, config.model.path, mesh, lora=config.lora.rank > 0)
     extra = objective.init_extra(policy.config, config.seed) if objective.init_extra else {}
     return dataclasses.replace(policy, params={"model": policy.params, **extra})
+
+
+def trainable(config: ml_collections.ConfigDict, policy: Model) -> tuple[Any, Any]:
+    """``(trained parameters, frozen LoRA base or None)``. With ``lora.rank > 0`` the train state
+    holds only the adapters (and the objective's extra parameters); the base weights stay out of
+    it, cast to ``lora.base_dtype`` when that is set (the adapters keep ``model.param_dtype``)."""
+    if config.lora.rank <= 0:
+        return policy.params, None
+    adapters, base = split_adapters(policy.params["model"])
+    if config.lora.base_dtype:
+        dtype = jnp.dtype(config.lora.base_dtype)
+        base = jax.tree.map(lambda x: jax.device_put(x.astype(dtype), x.sharding), base)
+    return {**policy.params, "model": adapters}, base
 
 
 def build_reference(config: ml_collections.ConfigDict, mesh: Mesh, policy: Model) -> Model:

@@ -119,6 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.lora.rank = 0  # adapter rank r (0 = off: full fine-tuning)
     c.lora.alpha = 16.0  # scale of the adapter update: y = x W + (alpha / r) * (x A) B
     c.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj")  # projections that get adapters (see ALLOWED_LORA_TARGETS)
+    c.lora.base_dtype = ""  # dtype of the frozen base weights: "" = model.param_dtype; "bfloat16" halves their memory (the adapters stay in model.param_dtype)
     c.lora.adapter = ""  # a PEFT LoRA adapter directory to start from (its rank, alpha and targets must be the run's); "" = fresh adapters
 
     c.optimizer = ml_collections.ConfigDict()  # optimizer, learning-rate schedule, clipping
@@ -299,6 +300,7 @@ def distill_recipe(loss_name: str) -> ml_collections.ConfigDict:
 ALLOWED: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
+    "lora.base_dtype": ("", "float32", "bfloat16"),
     "model.remat": ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"),
     "model.lm_head": ("scored", "all"),
     "model.tiny.family": ("llama", "gpt2"),
@@ -352,6 +354,11 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     **dict.fromkeys(("loss.epsilon", "loss.label_smoothing"), (0, 0.5, True, False)),
     "distributed.process_id": (-1, None, True, False),
 }
+
+
+def allowed_text(values: tuple[str, ...]) -> str:
+    """``a, b, c``: a closed set of values in words (the empty string as ``""``)."""
+    return ", ".join(v or '""' for v in values)
 
 
 def range_text(bounds: tuple[float | None, float | None, bool, bool]) -> str:
@@ -448,7 +455,7 @@ def _iter_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
             yield f"config key {name!r} must be of type {type(default).__name__}, got {value!r}"
             continue
         if name in ALLOWED and value not in ALLOWED[name]:
-            allowed = ", ".join(ALLOWED[name])
+            allowed = allowed_text(ALLOWED[name])
             matches = difflib.get_close_matches(str(value), ALLOWED[name], n=1)
             hint = f" (did you mean {matches[0]!r}?)" if matches else ""
             yield f"config key {name!r} = {value!r} is not allowed{hint}; allowed: {allowed}"
@@ -491,8 +498,10 @@ def _iter_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
         yield from _distill_problems(get)
     if get("lora.rank"):
         yield from _lora_problems(get)
-    elif get("lora.adapter"):
-        yield "config key 'lora.adapter' needs --config.lora.rank > 0 (the adapter's rank)"
+    else:
+        for key in ("lora.adapter", "lora.base_dtype"):
+            if get(key):
+                yield f"config key {key!r} needs --config.lora.rank > 0 (it only applies to LoRA runs)"
     if not get("data.train"):
         yield "config key 'data.train' is empty: name the training data"
     if not get("model.path"):
@@ -558,10 +567,8 @@ def _lora_problems(get: Any) -> Iterator[str]:
             hint = f" (did you mean {matches[0]!r}?)" if matches else ""
             yield (f"config key 'lora.targets' holds unknown projection {target!r}{hint}; allowed: "
                    f"{', '.join(ALLOWED_LORA_TARGETS)}")
-    if get("online.rounds"):
-        yield "LoRA is not supported with the online driver yet: set --config.lora.rank=0 or --config.online.rounds=0"
-    if get("loss.name") in DISTILL_LOSSES:
-        yield f"LoRA is not supported with distillation (loss.name = {get('loss.name')!r}) yet: set --config.lora.rank=0"
+    if get("lora.adapter") and get("distill.pipeline") == "quickstart":
+        yield "config key 'lora.adapter' is not used by distill.pipeline = 'quickstart' (it trains its own models)"
     if get("reference.path"):
         yield ("config key 'reference.path' must be empty with LoRA: the reference is the base model with the "
                "adapters switched off")

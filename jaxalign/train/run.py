@@ -33,7 +33,7 @@ from jaxalign.caches.reference import CoverageError, ReferenceCache, build_refer
 from jaxalign.data.loader import Loader
 from jaxalign.data.pipeline import mask_for_loss
 from jaxalign.data.sources import resolve_source
-from jaxalign.models.lora import adapters_off, split_adapters
+from jaxalign.models.lora import adapters_off
 from jaxalign.objectives import Objective, from_config
 from jaxalign.perf.utilisation import flops_per_token, peak_flops
 from jaxalign.scoring.forward import sequence_logps_fn
@@ -179,10 +179,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
     objective = from_config(config.loss, config.reference.mode, config.distill)
     policy = build.build_policy(config, mesh, objective)
     lora = config.lora.rank > 0
-    trainable, base = policy.params, None
-    if lora:
-        adapters, base = split_adapters(policy.params["model"])
-        trainable = {**policy.params, "model": adapters}
+    trainable, base = build.trainable(config, policy)
 
     mode = config.reference.mode
     reference, reference_params, caches = None, None, {}
@@ -191,7 +188,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
         split_loaders = attach_teacher_signals(config, workdir, split_loaders, tokenizer, policy, mesh, is_main,
                                                batch_size=lambda loader: _cache_batch_size(config, loader, mesh))
     if objective.uses_reference or objective.sequences_per_pair == 3:
-        reference = (Model(policy.graphdef, adapters_off(base, adapters), policy.config) if lora
+        reference = (Model(policy.graphdef, adapters_off(base, trainable["model"]), policy.config) if lora
                      else build.build_reference(config, mesh, policy))
         if objective.sequences_per_pair == 3:
             split_loaders = _calibrated(config, workdir, split_loaders, tokenizer, reference, is_main)

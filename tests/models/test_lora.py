@@ -71,14 +71,15 @@ def test_bad_targets_and_rank():
 
 
 @pytest.mark.parity
-def test_merged_export_and_peft_adapter_match_transformers(tmp_path):
-    """jaxalign logits == transformers on the merged export == transformers base + peft adapter."""
+@pytest.mark.parametrize("family,targets", [("llama", ALL_LLAMA), ("gpt2", ALL_GPT2)])
+def test_merged_export_and_peft_adapter_match_transformers(tmp_path, family, targets):
+    """jaxalign logits == transformers on the merged export == transformers base + peft adapter
+    (GPT-2: peft's ``fan_in_fan_out`` layout of its Conv1D projections)."""
     import torch
     import peft
     from transformers import AutoModelForCausalLM
 
-    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    model = _randomise_b(add_adapters(tiny_model("llama"), rank=4, alpha=16, targets=targets, seed=3))
+    model = _randomise_b(add_adapters(tiny_model(family), rank=4, alpha=16, targets=targets, seed=3))
     ids = _ids(2, (2, 11))
     ours = np.asarray(jitted(model)(ids))
     save_pretrained(model, tmp_path / "base")  # the kernels only: the base weights

@@ -81,8 +81,31 @@ def test_bad_lora_config_is_refused(make_config):
         validate(make_config(**{"lora.rank": -1}))
     with pytest.raises(ConfigError, match=r"unknown projection 'q_prj' \(did you mean 'q_proj'\?\)"):
         validate(make_config(**{"lora.rank": 8, "lora.targets": ("q_prj",)}))
-    with pytest.raises(ConfigError, match="LoRA is not supported with the online driver yet"):
-        validate(make_config(**{"lora.rank": 8, "online.rounds": 1, "online.reward_function": "m:f"}))
+    with pytest.raises(ConfigError, match="'lora.base_dtype' needs --config.lora.rank > 0"):
+        validate(make_config(**{"lora.base_dtype": "bfloat16"}))
+    with pytest.raises(ConfigError, match=r"'lora.base_dtype' = 'float16' is not allowed.*allowed: \"\", float32"):
+        validate(make_config(**{"lora.rank": 8, "lora.base_dtype": "float16"}))
+
+
+def test_lora_base_in_bfloat16(make_config, tmp_path, metrics_by_step, tiny_model_dir):
+    """``lora.base_dtype = bfloat16``: the frozen base is held in bfloat16, the adapters and their
+    moments in float32; the reference is the same bfloat16 base (step-1 loss ln 2); the merged
+    export's untargeted tensors are the base's, rounded to bfloat16."""
+    import jax.numpy as jnp
+
+    config = _lora(make_config, **{"steps": 3, "lora.base_dtype": "bfloat16", "checkpoint.export": True})
+    run = prepare(config, str(tmp_path / "prepared"))
+    assert {x.dtype for x in jax.tree.leaves(run.reference_params)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(run.state.params)} == {jnp.dtype(jnp.float32)}
+    result = train(config, tmp_path / "run")
+    metrics = metrics_by_step(tmp_path / "run")
+    assert metrics[1]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert np.isfinite(metrics[3]["loss"]) and metrics[3]["loss"] != pytest.approx(math.log(2), abs=1e-4)
+    base = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    merged = load_file(os.path.join(result.export_dir, "model.safetensors"))
+    name = "model.layers.0.self_attn.k_proj.weight"
+    np.testing.assert_array_equal(merged[name].astype(np.float32),
+                                  base[name].astype(jnp.bfloat16).astype(np.float32))
 
 
 def test_the_quickstart_learns_with_lora_adapters(tmp_path, capsys):
