@@ -170,10 +170,11 @@ def test_lora_on_eight_devices_and_with_accumulation_equals_one_device(make_conf
     assert losses["one"][2] < losses["one"][0]
 
 
-@pytest.mark.parametrize("loss", ["sft", "bradley_terry", "ipo"])
+@pytest.mark.parametrize("loss", ["sft", "bradley_terry", "ipo", "vpo", "dove"])
 def test_lora_trains_the_other_objectives(loss, make_config, tmp_path, metrics_by_step, tiny_model_dir):
-    """SFT, a reward model (its head trains beside the adapters) and IPO run with LoRA: finite
-    losses that move, the base weights untouched outside the merged adapters, an export."""
+    """SFT, a reward model (its head trains beside the adapters), IPO, VPO (its calibration
+    sampled from the base, adapters off) and DOVE run with LoRA: finite losses that move, the
+    base weights untouched outside the merged adapters, an export."""
     reference = "none" if loss in ("sft", "bradley_terry") else "frozen"
     result = train(_lora(make_config, **{"steps": 3, "loss.name": loss, "reference.mode": reference,
                                          "checkpoint.export": True}), tmp_path / "run")
