@@ -24,7 +24,7 @@ For one (prompt, completion) the encoder produces ``ids = prompt_ids + completio
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -38,9 +38,28 @@ from jaxalign.data.records import (
     Text,
 )
 
-__all__ = ["EncodedPair", "EncodedSequence", "Encoder", "EncodedExample"]
+__all__ = ["EncodedPair", "EncodedSequence", "Encoder", "EncodedExample", "batch_ids"]
 
 BoundaryPolicy = Literal["split", "error"]
+IdsOf = Callable[[str], list[int]]
+Rendered = tuple[str, str, str]  # (prompt_text, completion_text, field)
+
+
+def batch_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """``tokenizer(text, add_special_tokens=False)["input_ids"]`` of every text, in one batch call.
+
+    A fast tokenizer without truncation, padding or special-token splitting set is called
+    directly (``encode_batch_fast``: the same ids without the wrapper's per-call overhead);
+    any other goes through ``tokenizer(texts)``.
+    """
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if (backend is not None and backend.truncation is None and backend.padding is None
+            and not getattr(tokenizer, "split_special_tokens", False)):
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        return [e.ids for e in encode(texts, add_special_tokens=False)]
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 @dataclass(frozen=True)
@@ -174,9 +193,12 @@ class Encoder:
 
     def encode_sequence(self, prompt: Text, completion: Text, field: str = "chosen") -> EncodedSequence:
         """Encodes one prompt + completion; ``field`` names the completion in errors."""
-        prompt_text, completion_text = self._render(prompt, completion, field)
-        prompt_ids = self._ids(prompt_text)
-        full_ids = self._ids(prompt_text + completion_text)
+        return self._sequence(*self._render(prompt, completion, field), field, self._ids)
+
+    def _sequence(self, prompt_text: str, completion_text: str, field: str, ids_of: IdsOf) -> EncodedSequence:
+        """The sequence of rendered texts; ``ids_of(text)`` tokenizes (one at a time or from a batch)."""
+        prompt_ids = ids_of(prompt_text)
+        full_ids = ids_of(prompt_text + completion_text)
         if full_ids[: len(prompt_ids)] == prompt_ids:
             completion_ids = full_ids[len(prompt_ids):]
         elif self.on_boundary_merge == "error":
@@ -187,7 +209,7 @@ class Encoder:
             )
         else:
             self.boundary_merges += 1
-            completion_ids = self._ids(completion_text)
+            completion_ids = ids_of(completion_text)
         prompt_ids, has_bos = self._with_bos(prompt_ids)
         completion_ids = self._end_with_eos(completion_ids)
         if not prompt_ids:
@@ -211,6 +233,64 @@ class Encoder:
         if isinstance(record, SFTRecord):
             return self.encode_sft(record)
         raise FieldError("prompt", "a prompt-only record has no completion to train on")
+
+    def _rendered(self, record: PreferenceRecord | SFTRecord | PromptRecord) -> list[Rendered | FieldError]:
+        """Each sequence's ``(prompt_text, completion_text, field)``, or the ``FieldError`` its
+        rendering raised (raised in ``encode_many`` where ``encode`` would raise it)."""
+        if isinstance(record, PreferenceRecord):
+            parts = [(record.prompt, record.chosen, "chosen"), (record.rejected_side_prompt, record.rejected, "rejected")]
+        elif isinstance(record, SFTRecord):
+            parts = [(record.prompt, record.completion, "completion")]
+        else:
+            raise FieldError("prompt", "a prompt-only record has no completion to train on")
+        out: list[Rendered | FieldError] = []
+        for prompt, completion, field in parts:
+            try:
+                out.append((*self._render(prompt, completion, field), field))
+            except FieldError as e:
+                out.append(e)
+        return out
+
+    def _example(self, record: PreferenceRecord | SFTRecord, rendered: list[Rendered | FieldError],
+                 ids_of: IdsOf) -> EncodedPair | EncodedExample:
+        sequences = []
+        for part in rendered:
+            if isinstance(part, FieldError):
+                raise part
+            sequences.append(self._sequence(*part, ids_of))
+        if isinstance(record, PreferenceRecord):
+            return EncodedPair(sequences[0], sequences[1], record.index)
+        return EncodedExample(sequences[0], record.index)
+
+    def encode_many(
+        self, records: Sequence[PreferenceRecord | SFTRecord | PromptRecord]
+    ) -> list[EncodedPair | EncodedExample | FieldError]:
+        """``encode(record)`` for every record (its example, or the ``FieldError`` it raises), bit
+        for bit, but with every distinct text tokenized in one call of the tokenizer's batch API."""
+        rendered: list[list[Rendered | FieldError] | FieldError] = []
+        for record in records:
+            try:
+                rendered.append(self._rendered(record))
+            except FieldError as e:
+                rendered.append(e)
+        texts = list(dict.fromkeys(
+            text for parts in rendered if not isinstance(parts, FieldError)
+            for part in parts if not isinstance(part, FieldError) for text in (part[0], part[0] + part[1])
+        ))
+        table = dict(zip(texts, batch_ids(self.tokenizer, texts)))
+
+        def ids_of(text: str) -> list[int]:  # a boundary merge's completion alone is not in the batch
+            return list(table[text]) if text in table else self._ids(text)
+
+        out: list[EncodedPair | EncodedExample | FieldError] = []
+        for record, parts in zip(records, rendered):
+            try:
+                if isinstance(parts, FieldError):
+                    raise parts
+                out.append(self._example(record, parts, ids_of))
+            except FieldError as e:
+                out.append(e)
+        return out
 
     def encode_prompt(self, record: PromptRecord) -> np.ndarray:
         """Prompt ids (with BOS and the generation prompt) for sampling."""

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from jaxalign.data.batching import bucket_length, packed_batch, padded_batch, plan_pack
-from jaxalign.data.dataset import EncodedDataset, lengths_of
+from jaxalign.data.dataset import EncodedDataset
 
 __all__ = ["Loader"]
 
@@ -92,9 +92,9 @@ class Loader:
         self.shuffle = shuffle
         self.num_epochs = num_epochs
         self.mask = mask
-        self.lengths = lengths_of(self.examples)
-        self.seqs_per_slot = len(self.lengths[0])
-        self.max_len = np.asarray([max(x) for x in self.lengths])
+        self.lengths = dataset.lengths()  # int64 [N, sequences per slot]: all an epoch plan needs
+        self.seqs_per_slot = self.lengths.shape[1]
+        self.max_len = self.lengths.max(axis=1)
         self.fingerprint = dataset.fingerprint()
         self.buckets = tuple(sorted(buckets))
         self.row_multiple = row_multiple
@@ -113,7 +113,7 @@ class Loader:
         self._plan_epoch: int | None = None
         self._plan: tuple[np.ndarray, list, list[tuple[int, int]]] | None = None
 
-    def with_examples(self, examples: list, **changes: Any) -> Loader:
+    def with_examples(self, examples: Sequence, **changes: Any) -> Loader:
         """A loader with this one's settings (shards, layout, order, mask, ...) over other
         examples; ``changes`` override settings by their constructor name. Packed rows are
         sized again for the new examples (with the same ``row_multiple``)."""
@@ -131,7 +131,7 @@ class Loader:
         """The most rows a packed batch may take: room for a quarter more tokens than an average
         batch, plus one row, ``ceil(1.25 * mean tokens per slot * slots / pack_length) + 1``
         (a batch with more takes fewer pairs), rounded up to ``row_multiple``."""
-        mean = float(np.mean([sum(x) for x in self.lengths]))
+        mean = float(np.mean(self.lengths.sum(axis=1)))
         rows = max(self.seqs_per_slot, math.ceil(1.25 * mean * self.local_slots / self.pack_length) + 1)
         return self._round_rows(rows, row_multiple)
 
@@ -149,7 +149,7 @@ class Loader:
 
     def _pack_shard(self, stream: np.ndarray) -> list[tuple[int, list, int]]:
         """Batches of one shard's stream: ``(first position in stream, placements, rows used)``."""
-        lengths = [self.lengths[i] for i in stream]
+        lengths = [tuple(x) for x in self.lengths[stream].tolist()]
         out, start = [], 0
         while start < len(lengths):
             place, rows = plan_pack(

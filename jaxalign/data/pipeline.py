@@ -6,15 +6,44 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from jaxalign.data.dataset import DataReport, EncodedDataset, OnBad, load_dataset
+from jaxalign.data.cache import default_cache_dir
+from jaxalign.data.dataset import DataReport, EncodedDataset, load_dataset
+from jaxalign.data.records import OnBad
 from jaxalign.data.formats import KeyMap
 from jaxalign.data.truncation import DEFAULT_MAX_LENGTH, DEFAULT_MAX_PROMPT_LENGTH
 from jaxalign.data.loader import Loader
 
-__all__ = ["Loaders", "build_loader", "build_loaders_from_config", "mask_for_loss"]
+__all__ = ["CACHE_OFF", "Loaders", "build_loader", "build_loaders_from_config", "cache_location", "mask_for_loss"]
+
+CACHE_OFF = "none"
+T = TypeVar("T")
+
+
+def cache_location(cache_dir: str) -> str | None:
+    """``data.cache_dir`` resolved: ``""`` = ``default_cache_dir()``, ``"none"`` = no cache (``None``)."""
+    if cache_dir == CACHE_OFF:
+        return None
+    return cache_dir or default_cache_dir()
+
+
+def writer_first(build: Callable[[], T], *, writer: bool, barrier: Callable[[], None]) -> T:
+    """``build()`` on the cache writer, then ``barrier()``, then on the others (which open what
+    the writer wrote). A failure of the writer is raised after the barrier, so that the others
+    are not left waiting; they then build (and fail) on their own."""
+    result, error = None, None
+    if writer:
+        try:
+            result = build()
+        except Exception as e:  # re-raised below, once the others passed the barrier
+            error = e
+    barrier()
+    if error is not None:
+        raise error
+    return result if writer else build()
 
 
 def mask_for_loss(loss_name: str) -> str:
@@ -69,12 +98,14 @@ def build_loader(
     shard_count: int | None = None,
     encoder_options: dict[str, Any] | None = None,
     tfds_data_dir: str | None = None,
+    cache_dir: str | None = None,
 ) -> Loader:
-    """Reads, validates, tokenizes and truncates ``source``; returns its loader (see ``loader.report``)."""
+    """Reads, validates, tokenizes and truncates ``source`` (through the tokenized cache in
+    ``cache_dir`` when given); returns its loader (see ``loader.report``)."""
     dataset = load_dataset(
         source, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
         truncation_mode=truncation_mode, format=format, keys=keys, on_bad_record=on_bad_record,
-        family=family, encoder_options=encoder_options, tfds_data_dir=tfds_data_dir,
+        family=family, encoder_options=encoder_options, tfds_data_dir=tfds_data_dir, cache_dir=cache_dir,
     )
     loader = loader_for(
         dataset, tokenizer, batch_size=batch_size, train=train, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
@@ -93,32 +124,37 @@ class Loaders:
 
 def build_loaders_from_config(
     config: Any, tokenizer: Any, *, shard_index: int | None = None, shard_count: int | None = None,
-    row_multiple: int = 1,
+    row_multiple: int = 1, writer: bool = True, barrier: Callable[[], None] = lambda: None,
 ) -> Loaders:
     """Train and eval loaders from the trainer's config.
 
-    Uses ``config.seed``, ``config.data.{train, eval, eval_pairs, format, prompt_key,
-    chosen_key, rejected_key, max_length, max_prompt_length, batch_size, micro_batch_size,
-    packing, pack_rows, buckets, shuffle, on_bad_record}``, ``config.loss.name`` (``sft`` -> SFT examples; ``dove`` -> prompt +
-    completion masks) and ``config.eval.batch_size``. The train loader yields micro-batches of
+    Uses ``config.seed``, ``config.progress_bar``, ``config.data.{train, eval, eval_pairs, format,
+    prompt_key, chosen_key, rejected_key, max_length, max_prompt_length, batch_size,
+    micro_batch_size, packing, pack_rows, buckets, shuffle, on_bad_record, cache_dir}``,
+    ``config.loss.name`` (``sft`` -> SFT examples; ``dove`` -> prompt + completion masks) and
+    ``config.eval.batch_size``. The train loader yields micro-batches of
     ``micro_batch_size`` pairs (``batch_size`` when 0): a step consumes
     ``batch_size / micro_batch_size`` of them. Without ``data.eval`` the eval set is
     ``data.eval_pairs`` examples held out of ``data.train`` (seeded by ``config.seed``).
     Packed rows per batch are a multiple of ``row_multiple`` (the devices that split this
-    process's rows).
+    process's rows). With the tokenized cache (``data.cache_dir``, ``cache_location``) only the
+    ``writer`` (process 0) writes it, before ``barrier()``; the others open it after.
     """
     d = config.data
     family = "sft" if config.loss.name == "sft" else "preference"
+    cache_dir = cache_location(d.get("cache_dir", ""))
     common = dict(
         max_length=d.max_length, max_prompt_length=d.max_prompt_length, format=d.format,
         keys=KeyMap(d.prompt_key, d.chosen_key, d.rejected_key), on_bad_record=d.on_bad_record, family=family,
+        cache_dir=cache_dir, write_cache=writer, progress=writer and bool(config.get("progress_bar", False)),
     )
-    train_set = load_dataset(d.train, tokenizer, **common)
+
+    def datasets() -> tuple[EncodedDataset, EncodedDataset | None]:
+        return load_dataset(d.train, tokenizer, **common), (load_dataset(d.eval, tokenizer, **common) if d.eval else None)
+
+    train_set, eval_set = writer_first(datasets, writer=writer, barrier=barrier) if cache_dir else datasets()
     report = train_set.report
-    eval_set = None
-    if d.eval:
-        eval_set = load_dataset(d.eval, tokenizer, **common)
-    elif d.eval_pairs:
+    if eval_set is None and d.eval_pairs:
         train_set, eval_set = train_set.split(d.eval_pairs, config.seed)
     options = dict(
         mask=mask_for_loss(config.loss.name), buckets=tuple(d.buckets), packing=d.packing,

@@ -14,14 +14,17 @@ Every record carries ``index`` (its position among the dataset's good records: t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Union
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Union
 
 __all__ = [
     "BadRecord",
     "DataError",
+    "DataReport",
     "FieldError",
     "Message",
+    "OnBad",
     "PreferenceRecord",
     "PromptRecord",
     "Record",
@@ -35,6 +38,7 @@ Message = dict[str, str]
 Text = Union[str, list[Message]]
 
 ROLES = ("system", "user", "assistant", "tool")
+OnBad = Literal["error", "skip"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,9 @@ class DataError(ValueError):
         super().__init__(str(bad))
         self.bad = bad
 
+    def __reduce__(self) -> tuple[type, tuple[BadRecord]]:  # crosses process boundaries (bulk encoding)
+        return DataError, (self.bad,)
+
 
 class FieldError(ValueError):
     """A problem with one field of one row, before the row's location is attached."""
@@ -65,6 +72,58 @@ class FieldError(ValueError):
         super().__init__(f"{field}: {problem}")
         self.field = field
         self.problem = problem
+
+
+@dataclass
+class DataReport:
+    """What reading and encoding saw: rows, good records per format, bad rows, drops."""
+
+    rows: int = 0
+    formats: Counter = field(default_factory=Counter)
+    bad: list[BadRecord] = field(default_factory=list)
+    dropped: Counter = field(default_factory=Counter)
+    boundary_merges: int = 0
+
+    @property
+    def num_records(self) -> int:
+        return sum(self.formats.values())
+
+    def add_bad(self, bad: BadRecord, on_bad_record: OnBad) -> None:
+        if on_bad_record == "error":
+            raise DataError(bad)
+        self.bad.append(bad)
+
+    def merge(self, part: DataReport) -> None:
+        """Adds ``part`` (what a later stretch of the same data saw) to this report."""
+        self.rows += part.rows
+        self.formats.update(part.formats)
+        self.bad += part.bad
+        self.dropped.update(part.dropped)
+        self.boundary_merges += part.boundary_merges
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rows": self.rows, "formats": dict(self.formats), "bad": [asdict(b) for b in self.bad],
+                "dropped": dict(self.dropped), "boundary_merges": self.boundary_merges}
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> DataReport:
+        return cls(rows=value["rows"], formats=Counter(value["formats"]), bad=[BadRecord(**b) for b in value["bad"]],
+                   dropped=Counter(value["dropped"]), boundary_merges=value["boundary_merges"])
+
+    def summary(self, max_bad: int = 5) -> str:
+        """A few lines for logs: counts per format, the first bad rows and totals."""
+        lines = [f"rows read: {self.rows}"]
+        lines += [f"records ({fmt}): {n}" for fmt, n in sorted(self.formats.items())]
+        lines.append(f"bad records: {len(self.bad)}")
+        lines += [f"  {b}" for b in self.bad[:max_bad]]
+        if len(self.bad) > max_bad:
+            lines.append(f"  ... and {len(self.bad) - max_bad} more")
+        if self.dropped:
+            lines += [f"dropped by truncation ({why}): {n}" for why, n in sorted(self.dropped.items())]
+        if self.boundary_merges:
+            lines.append(f"prompt/completion boundary merges tokenized apart: {self.boundary_merges}")
+        return "\n".join(lines)
+
 
 
 @dataclass(frozen=True)

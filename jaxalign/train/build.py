@@ -162,11 +162,14 @@ def build_tokenizer(config: ml_collections.ConfigDict) -> Any:
 
 
 def build_data(config: ml_collections.ConfigDict, tokenizer: Any, mesh: Mesh) -> Loaders:
-    """This process's train and eval loaders (packed rows a multiple of its devices)."""
+    """This process's train and eval loaders (packed rows a multiple of its devices); process 0
+    writes the tokenized cache, the others open it after a barrier."""
     shard = parallel.data_shard(mesh)
     try:
         return build_loaders_from_config(config, tokenizer, shard_index=shard.index, shard_count=shard.count,
-                                         row_multiple=max(1, batch_devices(mesh) // shard.count))
+                                         row_multiple=max(1, batch_devices(mesh) // shard.count),
+                                         writer=parallel.is_main_process(),
+                                         barrier=lambda: parallel.barrier("data-cache"))
     except DataError as e:
         raise RunError(f"data: {e}\n(to skip such records and count them in the data report instead, set "
                        "--config.data.on_bad_record=skip)") from None

@@ -11,6 +11,7 @@ matches.
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -95,6 +96,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.buckets = (64, 128, 256, 512)  # padded row lengths (a batch uses the smallest that fits)
     c.data.shuffle = True  # reshuffle every epoch (seeded by `seed`)
     c.data.on_bad_record = "error"  # error | skip (skipped records are counted and reported)
+    c.data.cache_dir = ""  # tokenized-data cache (tokenize once; later runs, resumes and processes open it): "" = $XDG_CACHE_HOME/jaxalign/data (~/.cache/jaxalign/data); "none" = off; else a directory (multi-process: one all processes share)
     c.data.synthetic_pairs = 512  # records written for data.train = "synthetic:DIR"
 
     c.loss = ml_collections.ConfigDict()  # the objective and its hyperparameters
@@ -487,6 +489,8 @@ def _iter_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
             f"config key 'data.max_prompt_length' = {get('data.max_prompt_length')} must be "
             f"smaller than 'data.max_length' = {get('data.max_length')}"
         )
+    if os.path.isfile(get("data.cache_dir", "")):
+        yield f"config key 'data.cache_dir' = {get('data.cache_dir')!r} is a file: name a directory, or \"none\""
     nan_steps = get("debug.nan_at_steps")
     if isinstance(nan_steps, (list, tuple)) and not all(
         isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in nan_steps
