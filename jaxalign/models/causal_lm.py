@@ -1,8 +1,14 @@
 """The interface every decoder implements (docs/architecture.md, "Model").
 
 A subclass provides ``embed(input_ids, positions)``, ``token_embedding()``, ``lm_head`` (None
-when tied), ``layers`` (an ``nnx.List`` of blocks called as ``block(x, encoding, mask, kv,
-index) -> (x, kv)`` with ``encoding = position_encoding(positions)``) and ``final_norm(x)``.
+when tied), ``layers`` (``stacked.make_layers``: an ``nnx.List`` of blocks, or with
+``config.scan_layers`` one block of stacked parameters, scanned; a block is called as
+``block(x, encoding, mask, kv, index) -> (x, kv)`` with ``encoding =
+position_encoding(positions)``) and ``final_norm(x)``.
+
+Activations carry logical axis names (``jaxalign.parallel.with_logical_constraint``, the
+identity outside a mesh context): the residual stream ``("batch", "length", "embed")`` after
+the embedding and after every block, so under FSDP the weights are gathered, not the batch.
 """
 
 from __future__ import annotations
@@ -14,10 +20,13 @@ from flax import nnx
 from jaxalign.models.attention import dot_product_attention, make_attention_mask, resolve_positions_and_segments
 from jaxalign.models.cache import KVCache, write_slots
 from jaxalign.models.config import ModelConfig, remat_policy
+from jaxalign.models.layers import RESIDUAL
+from jaxalign.models.stacked import scan_blocks
+from jaxalign.parallel.rules import with_logical_constraint
 
 
 def _apply_block(block, x, encoding, mask):
-    return block(x, encoding, mask, None, None)[0]
+    return with_logical_constraint(block(x, encoding, mask, None, None)[0], RESIDUAL)
 
 
 class CausalLM(nnx.Module):
@@ -66,19 +75,25 @@ class CausalLM(nnx.Module):
         index = jnp.arange(input_ids.shape[1])
         mask = make_attention_mask(index, index, segment_ids, segment_ids, positions, positions,
                               self.config.sliding_window)
-        run = _apply_block
-        if self.config.remat != "none":
-            run = nnx.remat(_apply_block, policy=remat_policy(self.config.remat))
-        x = self.embed(input_ids, positions)
-        encoding = self.position_encoding(positions)
+        x = with_logical_constraint(self.embed(input_ids, positions), RESIDUAL)
+        return self.final_norm(self._blocks(x, self.position_encoding(positions), mask))
+
+    def _blocks(self, x: jax.Array, encoding, mask: jax.Array) -> jax.Array:
+        """Every block in turn (scanned when stacked), each rematerialised per ``config.remat``."""
+        c = self.config
+        if c.scan_layers:
+            return scan_blocks(self.layers, lambda block, x, _: (_apply_block(block, x, encoding, mask), None), x,
+                               remat=c.remat)[0]
+        run = _apply_block if c.remat == "none" else nnx.remat(_apply_block, policy=remat_policy(c.remat))
         for block in self.layers:
             x = run(block, x, encoding, mask)
-        return self.final_norm(x)
+        return x
 
     def init_cache(self, batch_size: int, size: int) -> KVCache:
         """An empty cache for ``batch_size`` rows of ``size`` slots, in the compute dtype."""
         c = self.config
-        return KVCache.empty(c.num_layers, batch_size, size, c.num_kv_heads, c.head_dim, c.dtype)
+        return KVCache.empty(c.num_layers, batch_size, size, c.num_kv_heads, c.head_dim, c.dtype,
+                             stacked=c.scan_layers)
 
     def decode(self, input_ids: jax.Array, cache: KVCache, *, positions: jax.Array,
                segment_ids: jax.Array, logits_at: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
@@ -100,17 +115,26 @@ class CausalLM(nnx.Module):
         all_positions = write_slots(cache.positions, positions, start)
         mask = make_attention_mask(start + jnp.arange(t), jnp.arange(cache.size), segment_ids, all_segments,
                               positions, all_positions, self.config.sliding_window)
-        x = self.embed(input_ids, positions)
+        x = with_logical_constraint(self.embed(input_ids, positions), RESIDUAL)
         encoding = self.position_encoding(positions)
-        keys, values = [], []
-        for block, k, v in zip(self.layers, cache.keys, cache.values, strict=True):
-            x, (k, v) = block(x, encoding, mask, (k, v), start)
-            keys.append(k)
-            values.append(v)
+
+        def run(block, x, kv):
+            x, kv = block(x, encoding, mask, kv, start)
+            return with_logical_constraint(x, RESIDUAL), kv
+
+        if self.config.scan_layers:
+            x, (keys, values) = scan_blocks(self.layers, run, x, (cache.keys, cache.values))
+        else:
+            keys, values = [], []
+            for block, k, v in zip(self.layers, cache.keys, cache.values, strict=True):
+                x, (k, v) = run(block, x, (k, v))
+                keys.append(k)
+                values.append(v)
+            keys, values = tuple(keys), tuple(values)
         if logits_at is not None:
             x = x[jnp.arange(x.shape[0]), logits_at][:, None]
         logits = self.logits(self.final_norm(x))
-        return logits, KVCache(tuple(keys), tuple(values), all_segments, all_positions, start + t)
+        return logits, KVCache(keys, values, all_segments, all_positions, start + t)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, kv, index, scale: float, query_block: int):

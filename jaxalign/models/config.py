@@ -20,6 +20,7 @@ FAMILIES = ("llama", "qwen2", "mistral", "gpt2")
 ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+SCAN_MIN_LAYERS = 4  # ``scan_layers=None`` (auto) stacks and scans the layers of models at least this deep
 
 _HF_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -70,6 +71,9 @@ class ModelConfig:
     per attention block in forwards without a KV cache (0 = one full score matrix; see
     ``attention.dot_product_attention``). ``dtype``, ``param_dtype``, ``remat`` and
     ``query_block`` choose how the model runs, not what it computes: they are not exported.
+    ``scan_layers`` (also not exported) stores each block parameter stacked over the layers
+    (``[layers, ...]``, logical axis ``layers``) and runs the blocks with ``jax.lax.scan``:
+    compile time independent of depth, same results as the unrolled ``nnx.List`` of blocks.
     """
 
     family: str
@@ -97,6 +101,7 @@ class ModelConfig:
     param_dtype: Any = jnp.float32
     remat: str = "none"
     query_block: int = 128
+    scan_layers: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", _as_dtype(self.dtype, "dtype"))
@@ -118,6 +123,8 @@ class ModelConfig:
             raise UnsupportedModelError(f"activation {self.activation!r} is not supported (supported: {ACTIVATIONS})")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"ModelConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if not isinstance(self.scan_layers, bool):
+            raise ValueError(f"ModelConfig.scan_layers must be a bool, got {self.scan_layers!r}")
         if not isinstance(self.query_block, int) or self.query_block < 0:
             raise ValueError(f"ModelConfig.query_block must be an int >= 0, got {self.query_block!r}")
         if self.sliding_window is not None and self.sliding_window <= 0:
@@ -325,6 +332,12 @@ def to_hf_config(cfg: ModelConfig):
     if cfg.family == "qwen2":
         return transformers.Qwen2Config(use_sliding_window=False, **llama_like)
     return transformers.MistralConfig(sliding_window=cfg.sliding_window, **llama_like)
+
+
+def resolve_scan_layers(scan_layers: bool | None, num_layers: int) -> bool:
+    """``scan_layers``, or for ``None`` (auto) whether ``num_layers >= SCAN_MIN_LAYERS``: a
+    shallow model compiles fast either way, a deep one only when scanned."""
+    return num_layers >= SCAN_MIN_LAYERS if scan_layers is None else bool(scan_layers)
 
 
 def remat_policy(name: str):

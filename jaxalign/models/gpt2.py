@@ -13,7 +13,9 @@ from flax import nnx
 
 from jaxalign.models.causal_lm import CausalLM, attend
 from jaxalign.models.config import ModelConfig
-from jaxalign.models.layers import Embed, Initializer, LayerNorm, Projection, activation_fn
+from jaxalign.models.layers import MLP_HIDDEN, QUERIES, Embed, Initializer, LayerNorm, Projection, activation_fn
+from jaxalign.models.stacked import make_layers
+from jaxalign.parallel.rules import with_logical_constraint
 
 
 class GPT2Attention(nnx.Module):
@@ -29,9 +31,9 @@ class GPT2Attention(nnx.Module):
 
     def __call__(self, x, positions, mask, kv, index):
         qkv = self.c_attn(x)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q, k, v = (with_logical_constraint(qkv[:, :, i], QUERIES) for i in range(3))
         out, kv = attend(q, k, v, mask, kv, index, self.scale, self.query_block)
-        return self.c_proj(out), kv
+        return self.c_proj(with_logical_constraint(out, QUERIES)), kv
 
 
 class GPT2MLP(nnx.Module):
@@ -43,7 +45,7 @@ class GPT2MLP(nnx.Module):
         self.act = activation_fn(cfg.activation)
 
     def __call__(self, x):
-        return self.c_proj(self.act(self.c_fc(x)))
+        return self.c_proj(with_logical_constraint(self.act(self.c_fc(x)), MLP_HIDDEN))
 
 
 class GPT2Block(nnx.Module):
@@ -68,7 +70,7 @@ class GPT2LMHeadModel(CausalLM):
         kw = dict(init=init, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         self.wte = Embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), **kw)
         self.wpe = Embed(cfg.max_position, cfg.hidden_size, (None, "embed"), **kw)
-        self.h = nnx.List([GPT2Block(cfg, init=init) for _ in range(cfg.num_layers)])
+        self.h = make_layers(lambda: GPT2Block(cfg, init=init), cfg.num_layers, cfg.scan_layers)
         self.ln_f = LayerNorm(cfg.hidden_size, cfg.norm_eps, init=init, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         self.lm_head = nnx.data(
             None if cfg.tie_embeddings

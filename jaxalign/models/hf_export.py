@@ -3,7 +3,7 @@
 Output: ``config.json`` (with ``architectures``), ``model.safetensors`` or, above
 ``max_shard_size``, ``model-0000i-of-0000n.safetensors`` shards plus
 ``model.safetensors.index.json``, and the tokenizer files when a tokenizer is given. Tensors
-are gathered to the host one shard at a time. In a multi-process run every process must call
+are gathered to the host one shard at a time (stacked layers: one layer's slice at a time). In a multi-process run every process must call
 ``save_pretrained`` (gathering is collective); only process 0 writes.
 
 With ``reward_head`` (a reward model's kernel ``[D]``) the checkpoint is the family's
@@ -30,6 +30,7 @@ from jaxalign.models.hf_import import INDEX_FILE, SINGLE_FILE
 from jaxalign.models.hf_names import SCORE_PATH, reward_mappings, tensor_mappings
 from jaxalign.models.hf_reward import reward_hf_config, reward_pad_token
 from jaxalign.models.safetensors_io import save_file
+from jaxalign.models.stacked import stacked_path
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 _SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
@@ -117,7 +118,9 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, *, tokenizer=None,
         tensors = {}
         for i in members:
             m = mappings[i]
-            tensors[m.hf_name] = m.to_hf(_to_host(params[m.path]).astype(store_dtype))
+            key, layer = stacked_path(m.path) if cfg.scan_layers else (m.path, None)
+            value = params[key] if layer is None else params[key][layer]
+            tensors[m.hf_name] = m.to_hf(_to_host(value).astype(store_dtype))
             weight_map[m.hf_name] = name
         if writer:
             save_file(tensors, path / name, metadata={"format": "pt"})

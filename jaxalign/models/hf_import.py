@@ -5,7 +5,9 @@
 3. Each parameter's HF tensor is read lazily from ``model.safetensors`` or the shards listed in
    ``model.safetensors.index.json``, transposed/reshaped to our layout, cast to
    ``param_dtype`` and placed with ``sharding_fn(logical_axes, shape)``: each device receives
-   only its shard, read straight from the memory-mapped file.
+   only its shard, read straight from the memory-mapped file. With stacked layers
+   (``scan_layers``) a parameter ``[layers, ...]`` is assembled the same way, each device's
+   shard from the slices of the layers' tensors it holds: no host ever holds a whole stack.
 
 A sequence-classification checkpoint (``architectures`` = ``*ForSequenceClassification``, e.g.
 a reward model) holds the backbone under the causal LM's names and no ``lm_head``: it loads as
@@ -28,10 +30,11 @@ from flax import nnx
 
 from jaxalign.models.build import abstract_model
 from jaxalign.models.causal_lm import CausalLM
-from jaxalign.models.config import FAMILIES, ModelConfig, from_hf_config
+from jaxalign.models.config import FAMILIES, ModelConfig, from_hf_config, resolve_scan_layers
 from jaxalign.models.errors import CheckpointError, UnsupportedModelError
 from jaxalign.models.hf_names import SCORE_NAME, TensorMapping, is_sequence_classifier, tensor_mappings
 from jaxalign.models.safetensors_io import SafetensorsFile
+from jaxalign.models.stacked import is_stacked, layer_paths
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -42,9 +45,10 @@ log = logging.getLogger(__name__)
 
 
 def load_config(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                remat: str = "none") -> ModelConfig:
+                remat: str = "none", scan_layers: bool | None = None) -> ModelConfig:
     """``ModelConfig`` of the checkpoint directory ``path`` (its ``config.json``); tied
-    embeddings for a sequence-classification checkpoint (it has no ``lm_head``)."""
+    embeddings for a sequence-classification checkpoint (it has no ``lm_head``).
+    ``scan_layers=None``: stacked layers for models of at least ``SCAN_MIN_LAYERS`` layers."""
     path = Path(path)
     config_file = path / "config.json"
     if not path.is_dir():
@@ -65,6 +69,7 @@ def load_config(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.f
 
     hf = AutoConfig.from_pretrained(str(path), local_files_only=True)
     config = from_hf_config(hf, dtype=dtype, param_dtype=param_dtype, remat=remat, source=str(config_file))
+    config = config.replace(scan_layers=resolve_scan_layers(scan_layers, config.num_layers))
     return config.replace(tie_embeddings=True) if is_sequence_classifier(raw.get("architectures")) else config
 
 
@@ -129,37 +134,50 @@ class CheckpointTensors:
         raise CheckpointError(f"{self.source}: tensor {m.hf_name!r} is missing")
 
 
-def _place(x: np.ndarray, dtype, axes, sharding_fn: ShardingFn | None) -> jax.Array:
+def _place(layers: list[np.ndarray], dtype, axes, sharding_fn: ShardingFn | None, stacked: bool) -> jax.Array:
+    """One parameter from its tensors (one, or with ``stacked`` one per layer, stacked on a
+    leading axis), each device's shard read from those tensors' matching slices."""
+    shape = (len(layers), *layers[0].shape) if stacked else layers[0].shape
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        if not stacked:
+            return np.asarray(layers[0][index], dtype=dtype)
+        return np.stack([np.asarray(x[index[1:]], dtype=dtype) for x in layers[index[0]]])
+
     if sharding_fn is None:
-        return jnp.asarray(np.asarray(x, dtype=dtype))
-    sharding = sharding_fn(axes, x.shape)
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: np.asarray(x[index], dtype=dtype))
+        return jnp.asarray(read((slice(None),) * len(shape)))
+    return jax.make_array_from_callback(shape, sharding_fn(axes, shape), read)
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                    sharding_fn: ShardingFn | None = None, remat: str = "none", query_block: int = 128) -> CausalLM:
+                    sharding_fn: ShardingFn | None = None, remat: str = "none", query_block: int = 128,
+                    scan_layers: bool | None = None) -> CausalLM:
     """Our decoder with the weights of the local HF checkpoint directory ``path``.
 
     ``dtype`` is the compute dtype, ``param_dtype`` the dtype parameters are stored in (cast on
     the fly). ``sharding_fn(logical_axes, shape) -> Sharding`` places each parameter (default:
     the default device). ``remat`` is the per-layer rematerialisation policy, ``query_block`` the
-attention's query block (``ModelConfig``). Raises
+    attention's query block, ``scan_layers`` the layout (``ModelConfig``; ``None``: stacked for
+    models of at least ``SCAN_MIN_LAYERS`` layers). Raises
     ``UnsupportedModelError`` for an unsupported architecture or option and ``CheckpointError``
     naming the file and tensor for missing, corrupt or misshaped weights.
     """
     path = Path(path)
-    config = load_config(path, dtype=dtype, param_dtype=param_dtype, remat=remat).replace(query_block=query_block)
+    config = load_config(path, dtype=dtype, param_dtype=param_dtype, remat=remat, scan_layers=scan_layers)
+    config = config.replace(query_block=query_block)
     tensors = CheckpointTensors(path)
     graphdef, state = nnx.split(abstract_model(config))
     mappings = {m.path: m for m in tensor_mappings(config)}
     used = set()
     leaves = []
     for key, var in nnx.to_flat_state(state):
-        m = mappings[key]
-        x, name = tensors.read(m)
-        used.add(name)
+        layers = []
+        for unrolled in layer_paths(key, config.num_layers):
+            x, name = tensors.read(mappings[unrolled])
+            used.add(name)
+            layers.append(x)
         axes = var.get_metadata().get("out_sharding")
-        leaves.append((key, var.replace(_place(x, config.param_dtype, axes, sharding_fn))))
+        leaves.append((key, var.replace(_place(layers, config.param_dtype, axes, sharding_fn, is_stacked(var)))))
     unused = sorted(tensors.names() - used - {SCORE_NAME})  # a reward model's head: load_reward_model
     if unused:
         log.warning("%s: %d tensors not used by the %s decoder, e.g. %s", tensors.source, len(unused),

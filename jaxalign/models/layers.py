@@ -18,6 +18,12 @@ from jaxalign.precision import mixed_einsum
 
 Axes = tuple[str | None, ...]
 
+# Logical axes of activations (constrained with jaxalign.parallel.with_logical_constraint).
+RESIDUAL: Axes = ("batch", "length", "embed")
+QUERIES: Axes = ("batch", "length", "heads", "head_dim")  # also attention outputs, GPT-2 keys/values
+KEYS: Axes = ("batch", "length", "kv_heads", "head_dim")
+MLP_HIDDEN: Axes = ("batch", "length", "mlp")
+
 INIT_STD = 0.02
 
 

@@ -12,8 +12,10 @@ from flax import nnx
 
 from jaxalign.models.causal_lm import CausalLM, attend
 from jaxalign.models.config import ModelConfig
-from jaxalign.models.layers import Embed, Initializer, Projection, RMSNorm, activation_fn
+from jaxalign.models.layers import KEYS, MLP_HIDDEN, QUERIES, Embed, Initializer, Projection, RMSNorm, activation_fn
 from jaxalign.models.rope import apply_rope, inverse_frequencies, rope_tables
+from jaxalign.models.stacked import make_layers
+from jaxalign.parallel.rules import with_logical_constraint
 
 
 class LlamaAttention(nnx.Module):
@@ -32,10 +34,11 @@ class LlamaAttention(nnx.Module):
         self.query_block = cfg.query_block
 
     def __call__(self, x, rope, mask, kv, index):
-        q = apply_rope(self.q_proj(x), rope)
-        k = apply_rope(self.k_proj(x), rope)
-        out, kv = attend(q, k, self.v_proj(x), mask, kv, index, self.scale, self.query_block)
-        return self.o_proj(out), kv
+        q = with_logical_constraint(apply_rope(self.q_proj(x), rope), QUERIES)
+        k = with_logical_constraint(apply_rope(self.k_proj(x), rope), KEYS)
+        v = with_logical_constraint(self.v_proj(x), KEYS)
+        out, kv = attend(q, k, v, mask, kv, index, self.scale, self.query_block)
+        return self.o_proj(with_logical_constraint(out, QUERIES)), kv
 
 
 class LlamaMLP(nnx.Module):
@@ -48,7 +51,7 @@ class LlamaMLP(nnx.Module):
         self.act = activation_fn(cfg.activation)
 
     def __call__(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(with_logical_constraint(self.act(self.gate_proj(x)) * self.up_proj(x), MLP_HIDDEN))
 
 
 class LlamaBlock(nnx.Module):
@@ -72,7 +75,7 @@ class LlamaForCausalLM(CausalLM):
         self.config = cfg
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), init=init,
                                   dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        self.layers = nnx.List([LlamaBlock(cfg, init=init) for _ in range(cfg.num_layers)])
+        self.layers = make_layers(lambda: LlamaBlock(cfg, init=init), cfg.num_layers, cfg.scan_layers)
         self.inv_freq = tuple(inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).tolist())
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, init=init, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         self.lm_head = nnx.data(

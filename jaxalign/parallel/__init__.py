@@ -19,6 +19,7 @@ from jaxalign.parallel.rules import (
     opt_state_shardings,
     param_shardings,
     sharding_fn,
+    under_mesh,
     with_logical_constraint,
 )
 from jaxalign.parallel.sharded import create_sharded, shard_tree
@@ -47,5 +48,6 @@ __all__ = [
     "shard_tree",
     "sharded_bytes",
     "sharding_fn",
+    "under_mesh",
     "with_logical_constraint",
 ]

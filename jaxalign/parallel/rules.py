@@ -196,7 +196,6 @@ def opt_state_shardings(opt_state: Any, params: Any, params_shardings: Any, mesh
     )
 
 
-
 def with_logical_constraint(x: jax.Array, logical_axes: Sequence[str | None], rules: Rules = LOGICAL_AXIS_RULES) -> jax.Array:
     """``x`` constrained to the sharding its logical axes give on the current mesh (else unchanged).
 
@@ -213,3 +212,19 @@ def with_logical_constraint(x: jax.Array, logical_axes: Sequence[str | None], ru
         return x
     spec = logical_to_spec(logical_axes, x.shape, mesh, rules)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def under_mesh(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
+    """``fn`` (e.g. a jitted step) called, and so traced, with ``mesh`` as the context mesh
+    (``jax.set_mesh``): the activation constraints of ``with_logical_constraint`` in the models
+    take effect. Outside it they are the identity. A jitted ``fn``'s ``lower`` is kept, under
+    the mesh too, for ahead-of-time analysis."""
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with jax.set_mesh(mesh):
+            return fn(*args, **kwargs)
+
+    if hasattr(fn, "lower"):
+        call.lower = under_mesh(fn.lower, mesh)  # type: ignore[attr-defined]
+    return call

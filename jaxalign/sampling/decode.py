@@ -3,7 +3,7 @@
 ``decode(graphdef, params, prompt_ids, prompt_mask, keys, temperature, top_p, ...)`` runs under
 ``jit`` on parameters as the train state holds them (any sharding; nothing is gathered):
 
-1. the floating matrices (``ndim >= 2``: projections, embeddings) are cast to the model's
+1. the floating matrices (``ndim >= 2`` per layer: projections, embeddings) are cast to the model's
    compute dtype once per call, not once per step (the forward casts them to that dtype
    anyway, so the numbers are the same);
 2. the ``B`` prompts (left- or right-padded; padding has ``prompt_mask == 0``) are prefilled
@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxalign.models.attention import positions_from_segments
+from jaxalign.models.stacked import is_stacked
 
 __all__ = ["FINISH_LENGTH", "FINISH_STOP", "Generation", "decode", "filter_logits", "sample_tokens"]
 
@@ -99,10 +100,12 @@ def _compute_dtype_params(graphdef: nnx.GraphDef, params):
     """The parameters with their floating matrices in the model's compute dtype."""
     dtype = nnx.merge(graphdef, params).config.dtype
 
-    def cast(x):
-        return x.astype(dtype) if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) else x
+    def cast(variable: nnx.Variable) -> nnx.Variable:
+        x = variable.get_value()
+        matrix = x.ndim - is_stacked(variable) >= 2  # per layer: a stacked norm scale is no matrix
+        return variable.replace(x.astype(dtype)) if matrix and jnp.issubdtype(x.dtype, jnp.floating) else variable
 
-    return jax.tree.map(cast, params)
+    return jax.tree.map(cast, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def decode(graphdef: nnx.GraphDef, params, prompt_ids: jax.Array, prompt_mask: jax.Array, keys: jax.Array,
@@ -119,7 +122,7 @@ def decode(graphdef: nnx.GraphDef, params, prompt_ids: jax.Array, prompt_mask: j
     logits, cache = model.decode(prompt_ids, cache, positions=positions_from_segments(segments),
                                  segment_ids=segments, logits_at=last)
     if num_samples > 1:
-        cache = jax.tree.map(lambda a: jnp.repeat(a, num_samples, axis=0) if a.ndim else a, cache)
+        cache = cache.repeat_rows(num_samples)
         logits = jnp.repeat(logits, num_samples, axis=0)
     stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
     ones = jnp.ones((rows, 1), jnp.int32)

@@ -184,6 +184,9 @@ def total_steps(config: ml_collections.ConfigDict, train_loader: Loader, accum: 
     return max(1, math.ceil(config.epochs * train_loader.batches_in_epoch(0) / accum))
 
 
+SCAN_LAYERS = {"auto": None, "on": True, "off": False}  # model.scan_layers -> from_pretrained(scan_layers=)
+
+
 def load_model(config: ml_collections.ConfigDict, path: str, mesh: Mesh, *, lora: bool = False) -> Model:
     """The checkpoint at ``path`` with the run's dtypes and layout, its parameters placed on ``mesh``;
     with ``lora``, adapters of the ``lora`` config group on its projections (fresh, or read from
@@ -192,6 +195,7 @@ def load_model(config: ml_collections.ConfigDict, path: str, mesh: Mesh, *, lora
         model = models.from_pretrained(
             path, dtype=jnp.dtype(config.model.dtype), param_dtype=jnp.dtype(config.model.param_dtype),
             sharding_fn=parallel.sharding_fn(mesh), remat=config.model.remat, query_block=config.model.query_block,
+            scan_layers=SCAN_LAYERS[config.model.scan_layers],
         )
     except (FileNotFoundError, models.CheckpointError, models.UnsupportedModelError) as e:
         raise RunError(f"loading {path}: {e}") from None
@@ -288,7 +292,8 @@ def build_steps(
         max_consecutive_nonfinite=config.max_consecutive_nonfinite, nan_at_steps=tuple(config.debug.nan_at_steps),
         **common,
     )
-    return Steps(train=train, eval=make_eval_step(**common))
+    # Traced under the mesh: the models' activation constraints pin batch rows to (data, fsdp).
+    return Steps(train=parallel.under_mesh(train, mesh), eval=parallel.under_mesh(make_eval_step(**common), mesh))
 
 
 def batch_placer(config: ml_collections.ConfigDict, mesh: Mesh, objective: Objective, loader: Loader,

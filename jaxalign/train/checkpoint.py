@@ -5,7 +5,9 @@ Layout: ``WORKDIR/checkpoints/<step>/{state,meta}``. ``state`` is the ``TrainSta
 restored against an abstract target (shapes, dtypes, shardings), so optax state types come
 back exactly and the state lands on whatever mesh the target describes (a checkpoint
 written on 8 devices restores on 4 or 1). ``meta`` is a JSON dict (the data loader's
-position, the step, and a checksum of every array of the state).
+position, the step, a checksum of every array of the state, and the layout of the decoder's
+layers, ``stacked`` or ``unrolled``: restoring into the other layout is a ``CheckpointError``
+naming the ``model.scan_layers`` setting that reads it).
 
 Atomicity (Orbax 0.12.8, ``AtomicRenameTemporaryPath`` on local and POSIX file systems): a
 save writes ``<step>.orbax-checkpoint-tmp/``, writes ``commit_success.txt`` into it last and
@@ -49,6 +51,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from jaxalign import parallel
+from jaxalign.models.stacked import layout
 
 __all__ = [
     "CheckpointError",
@@ -61,6 +64,7 @@ __all__ = [
 ]
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
+LAYOUT_KEY = "layers_layout"  # meta: how the state stores the decoder's blocks (models.stacked.layout)
 UNUSABLE_SUFFIX = ".unusable"
 # Files every committed step has: path inside the step directory -> whether it is JSON.
 REQUIRED_FILES = {
@@ -213,7 +217,7 @@ class RunCheckpoints:
         ranked = None
         if self.keep_best and metrics and self.keep_best in metrics:
             ranked = {self.keep_best: float(metrics[self.keep_best])}
-        meta = {**meta, "checksums": state_checksums(state)}
+        meta = {**meta, "checksums": state_checksums(state), LAYOUT_KEY: layout(state)}
         return self._manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
@@ -252,6 +256,7 @@ class RunCheckpoints:
         problem = self.problem(step)
         if problem:
             raise UnusableCheckpoint(step, problem)
+        self._check_layout(step, target)
         abstract = abstract_like(target)
         if partial:
             state_args = ocp.args.PyTreeRestore(
@@ -268,6 +273,7 @@ class RunCheckpoints:
         state, meta = restored["state"], dict(restored["meta"])
         if meta.get("step", step) != step:
             raise UnusableCheckpoint(step, f"its meta says step {meta.get('step')!r}")
+        meta.pop(LAYOUT_KEY, None)
         saved = meta.pop("checksums", None)
         if saved is not None:
             read = state_checksums(state)
@@ -281,6 +287,24 @@ class RunCheckpoints:
                     step, f"{len(differing)} array(s) differ from their saved checksum (first: {differing[0]})"
                 )
         return state, meta
+
+    def _check_layout(self, step: int, target: Any) -> None:
+        """``CheckpointError`` when the checkpoint stores the decoder's layers in the other layout
+        (stacked / unrolled, ``model.scan_layers``) than ``target``; checkpoints from before the
+        layout was recorded hold unrolled layers."""
+        wanted = layout(target)
+        if wanted is None:
+            return
+        try:
+            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:  # damaged files: as in restore
+            raise UnusableCheckpoint(step, f"reading its meta failed ({_first_line(e)})") from e
+        saved = meta.get(LAYOUT_KEY) or "unrolled"
+        if saved != wanted:
+            raise CheckpointError(
+                f"checkpoint at step {step} ({self.step_path(step)}) holds the decoder's layers {saved} but this run "
+                f"builds them {wanted}; resume it with --config.model.scan_layers={'on' if saved == 'stacked' else 'off'}"
+            )
 
     def restore_latest(self, target: Any, *, partial: bool = False, set_aside: bool = True) -> Restored | None:
         """The newest usable checkpoint, restored like ``target`` (``partial``: see ``restore``);

@@ -70,6 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.logits_chunk = 0  # sequence chunk for the log-prob unembedding (0 = library default)
     c.model.lm_head = "scored"  # scored: unembed only the positions the loss scores | all: every position (slower; benchmark ablation)
     c.model.query_block = 128  # queries per attention block (0 = one full [L, L] score matrix; benchmark ablation)
+    c.model.scan_layers = "auto"  # layer weights stacked on a `layers` axis, blocks run by lax.scan (compile time independent of depth): auto (models of >= 4 layers) | on | off
     c.model.tiny = ml_collections.ConfigDict()  # the model written when create_if_missing
     c.model.tiny.family = "llama"  # llama | gpt2
     c.model.tiny.hidden_size = 64  # width of the residual stream
@@ -305,6 +306,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "lora.base_dtype": ("", "float32", "bfloat16"),
     "model.remat": ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"),
     "model.lm_head": ("scored", "all"),
+    "model.scan_layers": ("auto", "on", "off"),
     "model.tiny.family": ("llama", "gpt2"),
     "data.format": ("auto", "standard", "conversational", "implicit", "dove", "sft"),
     "data.on_bad_record": ("error", "skip"),

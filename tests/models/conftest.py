@@ -22,10 +22,12 @@ TINY_CONFIGS = {
 }
 
 
-def tiny_model(name: str, seed: int = 0, **overrides):
+def tiny_model(name: str, seed: int = 0, *, scan: bool = False, remat: str = "none", **overrides):
+    """``scan``: layers stacked and scanned (the same weights as unrolled for the same seed)."""
     options = {k: v for k, v in TINY_CONFIGS[name].items() if k != "family"}
     options.update(overrides)
-    return make_model(tiny_config(TINY_CONFIGS[name]["family"], vocab_size=VOCAB, **options), seed=seed)
+    config = tiny_config(TINY_CONFIGS[name]["family"], vocab_size=VOCAB, **options)
+    return make_model(config.replace(scan_layers=scan, remat=remat), seed=seed)
 
 
 def label_logps(logits: jax.Array, ids: jax.Array) -> jax.Array:

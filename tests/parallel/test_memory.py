@@ -34,17 +34,17 @@ def test_sharded_bytes_counts_shards_and_replicas():
 
 
 @pytest.mark.parametrize(
-    "mesh_config, step, constrain_blocks",
-    [({"fsdp": 8}, "tool", True), ({"fsdp": 4, "tensor": 2}, "trainer", False)],
-    ids=["fsdp8-tool-constrained", "fsdp4-tensor2-trainer"],
+    "mesh_config, reference",
+    [({"fsdp": 8}, "frozen"), ({"fsdp": 4, "tensor": 2}, "precomputed")],
+    ids=["fsdp8-frozen", "fsdp4-tensor2-precomputed"],
 )
-def test_tiny_llama_dpo_step(tool, mesh_config, step, constrain_blocks):
-    report = tool.analyse(tool.LLAMA_TINY, mesh_config, pairs=8, length=32, chunk_size=16, step=step,
-                          constrain_blocks=constrain_blocks)
+def test_tiny_llama_dpo_step(tool, mesh_config, reference):
+    report = tool.analyse(tool.LLAMA_TINY, mesh_config, pairs=8, length=32, chunk_size=16, reference=reference)
     # the trainer's state adds its step counter, RNG key and the two non-finite guard counters
     # (replicated, 4 + 8 + 4 + 4 bytes), and its optax chain one more int32 count
-    extra_state, extra_opt = (20, 4) if step == "trainer" else (0, 0)
+    extra_state, extra_opt = 20, 4
     cfg = tool.LLAMA_TINY
+    assert cfg.scan_layers  # stacked [layers, ...] parameters, scanned
     d, f, v, layers = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers
     matrices = v * d * 2 + layers * (4 * d * d + 3 * d * f)  # embed, lm_head, q/k/v/o, gate/up/down
     norms = (2 * layers + 1) * d
@@ -58,11 +58,16 @@ def test_tiny_llama_dpo_step(tool, mesh_config, step, constrain_blocks):
     assert report.state_bytes_per_device == 12 * (matrices // shards + norms) + 4 + extra_opt
     # ... which is total / (fsdp * tensor) up to the replicated norms: within 2% here
     assert report.ideal_per_device <= report.state_bytes_per_device <= 1.02 * report.ideal_per_device
-    # XLA saw the same sharding: its per-device arguments are the state shards plus the batch
-    # shard (16 rows x 32 tokens: 5 [rows, length] arrays + 3 [pairs] arrays, 4 bytes each,
-    # split over data * fsdp and replicated over tensor)
-    batch_per_device = (5 * 16 * 32 + 3 * 8) * 4 // (mesh_config.get("data", 1) * mesh_config.get("fsdp", 1))
-    assert report.argument_bytes == report.state_bytes_per_device + extra_state + batch_per_device
+    # the frozen reference: a second copy of the parameters, sharded like the policy's
+    assert report.reference_bytes_per_device == (4 * (matrices // shards + norms) if reference == "frozen" else 0)
+    # XLA saw the same sharding: its per-device arguments are the state shards, the reference's
+    # and the batch shard (16 rows x 32 tokens: 5 [rows, length] arrays + 1 or 3 [pairs] arrays,
+    # 4 bytes each, split over data * fsdp and replicated over tensor)
+    pair_arrays = 3 if reference == "precomputed" else 1
+    batch_per_device = (5 * 16 * 32 + pair_arrays * 8) * 4 // (mesh_config.get("data", 1) * mesh_config.get("fsdp", 1))
+    assert report.argument_bytes == (report.state_bytes_per_device + extra_state + report.reference_bytes_per_device
+                                     + batch_per_device)
     # params and optimizer state are donated: updated in place, aliased with the outputs
     assert report.alias_bytes == report.state_bytes_per_device + extra_state
     assert report.temp_bytes > 0
+    assert report.collectives["all-gather"] > 0  # FSDP: weights gathered

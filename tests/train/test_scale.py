@@ -1,6 +1,7 @@
 """The real trainer on different meshes: one device, (data=8), (fsdp=8), (data=2, fsdp=2,
-tensor=2) and the last with gradient accumulation (2 micro-batches; accumulation on one
-device is covered in test_step.py) give the same losses and parameters; a checkpoint
+tensor=2), the last with gradient accumulation (2 micro-batches; accumulation on one
+device is covered in test_step.py) and with stacked, scanned layers give the same losses
+and parameters; a checkpoint
 written on 8 devices restores on 4 and 1 with identical arrays and resumes to the same end.
 
 SGD with momentum: the parameters then differ by at most lr times the accumulated gradient
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from jaxalign.train.checkpoint import RunCheckpoints, abstract_like
+from jaxalign.train.checkpoint import CheckpointError, RunCheckpoints, abstract_like
 from jaxalign.train.loop import train
 from jaxalign.train.run import prepare
 
@@ -36,13 +37,15 @@ LAYOUTS = {
     "fsdp8": (1, 8, 1, 0),
     "data2_fsdp2_tensor2": (2, 2, 2, 0),
     "data2_fsdp2_tensor2_accumulate2": (2, 2, 2, 4),
+    "data2_fsdp2_tensor2_scanned": (2, 2, 2, 0),  # model.scan_layers=on: stacked layers, scanned
 }
 
 
 def layout_config(make_config, name: str, **extra):
     data, fsdp, tensor, micro = LAYOUTS[name]
     return make_config(**COMMON, **{
-        "mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor, "data.micro_batch_size": micro, **extra,
+        "mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor, "data.micro_batch_size": micro,
+        "model.scan_layers": "on" if name.endswith("_scanned") else "auto", **extra,
     })
 
 
@@ -93,6 +96,15 @@ def test_eight_device_checkpoint_restores_on_four_and_one_device(layout_runs, ma
     assert arrays["fsdp8"].keys() == arrays["one"].keys() == arrays["fsdp4"].keys()
     for key, value in arrays["fsdp8"].items():
         assert np.array_equal(value, arrays["one"][key]) and np.array_equal(value, arrays["fsdp4"][key]), key
+
+
+def test_checkpoint_of_unrolled_layers_into_stacked_run_is_a_clear_error(layout_runs, make_config, tmp_path):
+    checkpoints = RunCheckpoints(layout_runs["fsdp8"].checkpoint_dir)
+    run = prepare(layout_config(make_config, "fsdp8", **{"model.scan_layers": "on"}), str(tmp_path / "stacked"))
+    with pytest.raises(CheckpointError, match=r"holds the decoder's layers unrolled but this run builds them "
+                                              r"stacked; resume it with --config.model.scan_layers=off"):
+        checkpoints.restore(2, abstract_like(run.state))
+    checkpoints.close()
 
 
 def test_eight_device_run_resumed_on_one_device_reaches_the_same_end(layout_runs, make_config, tmp_path):
