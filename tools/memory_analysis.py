@@ -205,15 +205,19 @@ def predicted_fit(budget_bytes: int, one: MemoryReport, two: MemoryReport) -> in
 
 
 def verified_fit(measure, budget_bytes: int, predicted: int, known: dict[int, MemoryReport]) -> tuple[int, MemoryReport]:
-    """The largest pairs per shard, from ``predicted`` down, whose compiled step
-    (``measure(pairs_per_shard)``, or ``known``) fits ``budget_bytes``."""
-    per_shard = predicted
-    while per_shard > 1:
-        report = known.get(per_shard) or measure(per_shard)
-        if report.peak_bytes <= budget_bytes:
-            return per_shard, report
-        per_shard -= 1
-    return per_shard, known[1]
+    """The largest pairs per shard in ``[1, predicted]`` whose compiled step fits ``budget_bytes``,
+    by bisection (the peak grows with the batch); compiled reports are added to ``known``."""
+
+    def report(n: int) -> MemoryReport:
+        if n not in known:
+            known[n] = measure(n)
+        return known[n]
+
+    low, high = 1, predicted  # one pair per shard fits (predicted > 0)
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if report(mid).peak_bytes <= budget_bytes else (low, mid - 1)
+    return low, report(low)
 
 
 def _parse_mesh(text: str) -> dict[str, int]:

@@ -71,3 +71,32 @@ def test_tiny_llama_dpo_step(tool, mesh_config, reference):
     assert report.alias_bytes == report.state_bytes_per_device + extra_state
     assert report.temp_bytes > 0
     assert report.collectives["all-gather"] > 0  # FSDP: weights gathered
+
+
+def test_fit_search_predicts_on_the_line_and_bisects_to_the_largest_batch_that_fits(tool):
+    """Peaks of 10 + 3n GiB for the line, of 10 + 3n + n^2/4 GiB compiled: the prediction for a
+    40 GiB budget is 10 pairs; the largest that truly fits is 6 (37 GiB; 7 gives 43.25)."""
+    gib = tool.GIB
+
+    def report(n: int):
+        peak = int((10 + 3 * n + n * n / 4) * gib)
+        return tool.MemoryReport(mesh={"data": 1, "fsdp": 8, "tensor": 1}, pairs=8 * n, num_params=0,
+                                 param_bytes_total=0, opt_bytes_total=0, param_bytes_per_device=0,
+                                 opt_bytes_per_device=0, reference_bytes_per_device=0, argument_bytes=peak,
+                                 output_bytes=0, alias_bytes=0, temp_bytes=0, collectives={},
+                                 compile_seconds=0.0)
+
+    line = {1: tool.MemoryReport(**{**report(1).__dict__, "argument_bytes": 13 * gib}),
+            2: tool.MemoryReport(**{**report(1).__dict__, "argument_bytes": 16 * gib})}
+    assert tool.predicted_fit(40 * gib, line[1], line[2]) == 10
+    assert tool.predicted_fit(12 * gib, line[1], line[2]) == 0
+    measured: list[int] = []
+
+    def measure(n: int):
+        measured.append(n)
+        return report(n)
+
+    known = {1: report(1), 2: report(2)}
+    per_shard, at = tool.verified_fit(measure, 40 * gib, 10, known)
+    assert (per_shard, at.peak_bytes) == (6, report(6).peak_bytes)
+    assert len(measured) <= 4 and set(measured) <= set(known)  # bisection, every compile kept
