@@ -19,9 +19,9 @@ from flax import nnx
 
 from jaxalign.models.attention import dot_product_attention, make_attention_mask, resolve_positions_and_segments
 from jaxalign.models.cache import KVCache, write_slots
-from jaxalign.models.config import ModelConfig, remat_policy
+from jaxalign.models.config import ModelConfig
 from jaxalign.models.layers import RESIDUAL
-from jaxalign.models.stacked import scan_blocks
+from jaxalign.models.stacked import checkpointed, scan_blocks
 from jaxalign.parallel.rules import with_logical_constraint
 
 
@@ -84,9 +84,8 @@ class CausalLM(nnx.Module):
         if c.scan_layers:
             return scan_blocks(self.layers, lambda block, x, _: (_apply_block(block, x, encoding, mask), None), x,
                                remat=c.remat)[0]
-        run = _apply_block if c.remat == "none" else nnx.remat(_apply_block, policy=remat_policy(c.remat))
         for block in self.layers:
-            x = run(block, x, encoding, mask)
+            x = checkpointed(lambda block, x: _apply_block(block, x, encoding, mask), block, x, remat=c.remat)
         return x
 
     def init_cache(self, batch_size: int, size: int) -> KVCache:

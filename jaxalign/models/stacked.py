@@ -69,6 +69,17 @@ def scan_blocks(stacked: nnx.Module, body: Callable[[nnx.Module, Any, Any], tupl
     return jax.lax.scan(step, carry, (state, xs))
 
 
+def checkpointed(fn: Callable[[nnx.Module, Any], Any], module: nnx.Module, x: Any, *, remat: str = "none") -> Any:
+    """``fn(module, x)``, ``jax.checkpoint``-ed with the ``remat`` policy unless it is ``"none"``.
+    The module enters as its split state, so the checkpointed function is pure whatever trace
+    the module was built in (a reference forward inside the accumulation scan, for one)."""
+    if remat == "none":
+        return fn(module, x)
+    graphdef, state = nnx.split(module)
+    run = jax.checkpoint(lambda state, x: fn(nnx.merge(graphdef, state), x), policy=remat_policy(remat))
+    return run(state, x)
+
+
 def is_stacked(variable: nnx.Variable) -> bool:
     """Whether ``variable`` is a stacked block parameter (leading logical axis ``layers``)."""
     axes = variable.get_metadata().get("out_sharding")

@@ -46,3 +46,24 @@ def test_remat_gives_the_same_gradients():
         assert v == pytest.approx(float(value), rel=1e-6)
         for k in ref:  # equal up to float32 rounding: recomputed layers may sum in another order
             np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6, err_msg=f"{policy} {k}")
+
+
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
+def test_remat_inside_a_scan_over_micro_batches(scan_layers):
+    """The trainer runs the frozen reference's forward, without gradients, inside its accumulation
+    scan: remat must trace there too (an ``nnx.remat`` of the unrolled blocks did not) and give
+    the forward's own values."""
+    config = tiny_config("llama", vocab_size=64, hidden_size=32, max_position=16).replace(scan_layers=scan_layers)
+    graphdef, params = nnx.split(make_model(config.replace(remat="full"), seed=3), nnx.Param)
+    plain = nnx.split(make_model(config, seed=3), nnx.Param)[0]
+
+    def summed(graphdef):
+        @jax.jit
+        def run(params, ids):
+            def body(total, micro):
+                logits = nnx.merge(graphdef, params)(micro, jnp.ones_like(micro))
+                return total + jax.lax.stop_gradient(logits).sum(), None
+            return jax.lax.scan(body, jnp.float32(0), ids)[0]
+        return run(params, jnp.stack([IDS, IDS[::-1]]))
+
+    np.testing.assert_allclose(summed(graphdef), summed(plain), rtol=1e-6)
