@@ -10,9 +10,9 @@ interleaved repeats. Results go to docs/performance.md.
     python tools/make_tiny_model.py runs/bench-lora-model --hidden 512 --layers 8 --heads 8 --max-position 512
     python tools/bench_lora.py runs/bench-lora-model [--rank 8] [--steps 6]
 
-A third side keeps LoRA's frozen base in bfloat16 (``lora.base_dtype``): the step's arguments (the
-state held between steps) shrink; with float32 compute the step still casts the base up, so its
-peak does not fall at small sizes.
+A third side keeps LoRA's frozen base in bfloat16 (``lora.base_dtype``) and computes in bfloat16
+(``model.dtype``), as a run that stores its base in bfloat16 would. ``--scan-layers`` picks the
+layer layout (``model.scan_layers``; the default, ``auto``, scans these 8 layers).
 """
 
 from __future__ import annotations
@@ -30,18 +30,19 @@ from jaxalign.train.config import base_config
 from jaxalign.train.run import prepare
 
 
-def config(model: str, rank: int, workdir: str, base_dtype: str = ""):
+def config(model: str, rank: int, base_dtype: str = "", scan_layers: str = "auto"):
     c = base_config()
     c.model.path, c.data.train, c.data.synthetic_pairs = model, "synthetic", 256
     c.data.max_length, c.data.max_prompt_length, c.data.buckets = 128, 64, (128,)
     c.data.batch_size, c.data.eval_pairs, c.progress_bar = 8, 0, False
     c.reference.mode, c.lora.rank, c.lora.base_dtype = "frozen", rank, base_dtype
+    c.model.dtype, c.model.scan_layers = base_dtype or "float32", scan_layers
     return c
 
 
-def measure(model: str, rank: int, steps: int, base_dtype: str = "") -> dict[str, float]:
+def measure(model: str, rank: int, steps: int, base_dtype: str = "", scan_layers: str = "auto") -> dict[str, float]:
     with tempfile.TemporaryDirectory() as workdir:
-        run = prepare(config(model, rank, workdir, base_dtype), workdir)
+        run = prepare(config(model, rank, base_dtype, scan_layers), workdir)
         batch = run.place_train(stack_micro_batches([next(run.train_loader)], pad_id=run.train_loader.pad_id),
                                 stacked=True)
         compiled = run.train_step.lower(run.state, batch, run.reference_params).compile()
@@ -63,16 +64,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--scan-layers", choices=("auto", "on", "off"), default="auto")
     args = p.parse_args(argv)
-    sides = {"full": (0, ""), "lora": (args.rank, ""), "lora, bfloat16 base": (args.rank, "bfloat16")}
+    sides = {"full": (0, ""), "lora": (args.rank, ""), "lora, bfloat16": (args.rank, "bfloat16")}
     results: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
     for _ in range(args.repeats):
         for name, (rank, base_dtype) in sides.items():
-            results[name].append(measure(args.model, rank, args.steps, base_dtype))
+            results[name].append(measure(args.model, rank, args.steps, base_dtype, args.scan_layers))
     rows = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in results.items()}
     full = rows["full"]
     for name, row in rows.items():
-        print(f"{name:19s} step memory {row['step_memory_mib']:8.1f} MiB  (arguments {row['argument_mib']:7.1f} MiB)  step {row['step_s'] * 1000:7.1f} ms  "
+        print(f"{name:14s} step memory {row['step_memory_mib']:8.1f} MiB  (arguments {row['argument_mib']:7.1f} MiB)  step {row['step_s'] * 1000:7.1f} ms  "
               f"(/ full: memory {row['step_memory_mib'] / full['step_memory_mib']:.2f}x, "
               f"step time {row['step_s'] / full['step_s']:.2f}x)")
     return 0

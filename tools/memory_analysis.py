@@ -55,7 +55,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from jaxalign import parallel  # noqa: E402
-from jaxalign.models import ModelConfig, RopeScaling, abstract_model  # noqa: E402
+from jaxalign.models import ModelConfig, abstract_model  # noqa: E402
 
 GIB = 2**30
 

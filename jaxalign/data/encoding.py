@@ -244,9 +244,9 @@ class Encoder:
         else:
             raise FieldError("prompt", "a prompt-only record has no completion to train on")
         out: list[Rendered | FieldError] = []
-        for prompt, completion, field in parts:
+        for prompt, completion, name in parts:
             try:
-                out.append((*self._render(prompt, completion, field), field))
+                out.append((*self._render(prompt, completion, name), name))
             except FieldError as e:
                 out.append(e)
         return out
