@@ -6,10 +6,10 @@ tokenizer's batch API, with the same results.
 
 ``encode_chunks`` cuts the records into chunks of ``chunk_size``; each chunk is tokenized with
 the tokenizer's batch API (``Encoder.encode_many``: a fast tokenizer runs each batch on all
-cores), truncated and flattened (``FlatExamples``), here or in a pool of ``workers`` processes (``spawn``ed: the parent may hold JAX's
-threads, which ``fork`` does not survive; each worker tokenizes on one thread; if the pool
-cannot start, the rest is encoded in this process). Chunks come
-back in record order with their part of the report (bad records, drops, boundary merges), so
+cores), truncated and flattened (``FlatExamples``), here or in a pool of ``workers`` processes
+(``spawn``ed: the parent may hold JAX's threads, which ``fork`` does not survive; each worker
+tokenizes on one thread; if the pool cannot start, the rest is encoded in this process). Chunks
+come back in record order with their part of the report (bad records, drops, boundary merges), so
 the result is the one-at-a-time ``encode_records`` result, bit for bit, whatever the number of
 workers. A progress bar (tqdm, stderr) counts records when ``progress`` is set.
 """
