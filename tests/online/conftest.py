@@ -13,10 +13,8 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from jaxalign.data.synthetic import synthetic_records
 from jaxalign.models.tiny import write_tiny_checkpoint
@@ -28,32 +26,17 @@ REWARDS = os.path.join(HERE, "reward_fns.py")
 NUM_PROMPTS = 28  # rows of the prompt file; eval_prompts = 4 of them are held out
 TINY = dict(family="llama", hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2, num_layers=1,
             max_position=128)
-_CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
 SUBPROCESS_TIMEOUT = 240
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _compilation_cache(persistent_compilation_cache):
+    """Every module here uses the tests' persistent compilation cache (tests/conftest.py)."""
 
 
 def reward(name: str) -> str:
     """``online.reward_function`` naming a function of ``reward_fns.py``."""
     return f"{REWARDS}:{name}"
-
-
-@pytest.fixture(scope="session")
-def _compile_cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("jax-compilation-cache"))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def persistent_compilation_cache(_compile_cache_dir):
-    """Every ``train()`` builds new jitted functions (JAX's in-memory cache misses): the on-disk
-    cache makes the repeats cheap. Restored afterwards."""
-    old = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
-    jax.config.update("jax_compilation_cache_dir", _compile_cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    compilation_cache.reset_cache()
-    yield
-    for name, value in old.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="session")
@@ -140,52 +123,6 @@ def make_config(tiny_model_dir, prompt_file):
     return make
 
 
-def write_recipe(config, path) -> str:
-    """A recipe file whose ``get_config()`` rebuilds ``config`` (for ``python -m jaxalign.train``)."""
-    values = {}
-
-    def walk(node, prefix=""):
-        for key, value in node.items():
-            if hasattr(value, "items"):
-                walk(value, f"{prefix}{key}.")
-            else:
-                values[f"{prefix}{key}"] = value
-
-    walk(config)
-    path = os.fspath(path)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(
-            "from jaxalign.train.config import base_config\n\n\n"
-            f"VALUES = {values!r}\n\n\n"
-            "def get_config():\n"
-            "    c = base_config()\n"
-            "    for key, value in VALUES.items():\n"
-            "        *parents, leaf = key.split('.')\n"
-            "        node = c\n"
-            "        for p in parents:\n"
-            "            node = node[p]\n"
-            "        node[leaf] = value\n"
-            "    return c\n"
-        )
-    return path
-
-
-@pytest.fixture(scope="session")
-def cli_env(_compile_cache_dir):
-    """``python -m jaxalign.train`` subprocesses: this checkout, CPU, the tests' 8 fake devices,
-    the shared compilation cache."""
-    env = dict(os.environ)
-    env.update(
-        PYTHONPATH=os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-        JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=_compile_cache_dir,
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-    )
-    for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_JOB_ID"):
-        env.pop(key, None)
-    return env
-
-
 def run_cli(recipe: str, workdir, env: dict, *extra: str) -> subprocess.CompletedProcess:
     """``python -m jaxalign.train --config recipe --workdir workdir extra...`` to its end."""
     return subprocess.run(
@@ -217,27 +154,17 @@ def checkpoint_steps(workdir) -> list[int]:
     return sorted(int(p) for p in os.listdir(directory) if p.isdigit()) if os.path.isdir(directory) else []
 
 
-def checkpoint_arrays(workdir, step: int) -> dict[str, np.ndarray]:
-    """The saved state of ``step`` as host arrays, read straight from the files."""
-    import orbax.checkpoint as ocp
-
-    path = os.path.join(os.fspath(workdir), "checkpoints", str(step), "state")
-    checkpointer = ocp.PyTreeCheckpointer()
-    tree = checkpointer.metadata(path).item_metadata.tree
-    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    restored = checkpointer.restore(path, restore_args=args)
-    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
-
-
 @pytest.fixture(scope="session")
-def helpers():
-    """The helpers above, for the test modules (which cannot import this conftest)."""
+def helpers(recipe_file, checkpoint_arrays):
+    """The helpers above and tests/conftest.py's, for the test modules (which cannot import a
+    conftest); ``checkpoint_arrays(workdir, step)`` reads a run directory's checkpoint."""
     import types
 
     return types.SimpleNamespace(
-        reward=reward, write_recipe=write_recipe, run_cli=run_cli, export_params=export_params,
+        reward=reward, write_recipe=recipe_file, run_cli=run_cli, export_params=export_params,
         read_round=read_round, round_summary=round_summary, checkpoint_steps=checkpoint_steps,
-        checkpoint_arrays=checkpoint_arrays, set_keys=set_keys, rewards_file=REWARDS, root=ROOT,
+        checkpoint_arrays=lambda workdir, step: checkpoint_arrays(os.path.join(os.fspath(workdir), "checkpoints"), step),
+        set_keys=set_keys, rewards_file=REWARDS, root=ROOT,
     )
 
 
@@ -247,21 +174,13 @@ REFERENCE_RUN = {"checkpoint_every": 1}
 
 
 @pytest.fixture(scope="session")
-def reference_run(make_config, tmp_path_factory, _compile_cache_dir):
+def reference_run(make_config, tmp_path_factory, _compile_cache_dir, compilation_cache_at):
     from jaxalign.online.driver import train
 
     # a session fixture is set up before the module's cache fixture: point JAX at the cache for this run too
-    old = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
-    jax.config.update("jax_compilation_cache_dir", _compile_cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    compilation_cache.reset_cache()
     config = make_config(**REFERENCE_RUN)
-    try:
+    with compilation_cache_at(_compile_cache_dir):
         result = train(config, tmp_path_factory.mktemp("online") / "reference")
-    finally:
-        for name, value in old.items():
-            jax.config.update(name, value)
-        compilation_cache.reset_cache()
     assert result.status == "finished", result.message
     result.config = config
     return result

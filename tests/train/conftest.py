@@ -7,12 +7,8 @@ a mesh of one device) so that the compiled steps are cheap.
 from __future__ import annotations
 
 import json
-import os
 
-import jax
-import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from jaxalign.train.config import base_config
 from jaxalign.train.metrics import HARDWARE_METRICS, read_metrics
@@ -20,27 +16,11 @@ from jaxalign.data.synthetic import synthetic_records
 from jaxalign.models.tiny import write_tiny_checkpoint
 
 NUM_RECORDS = 48
-_CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-
-
-@pytest.fixture(scope="session")
-def _compile_cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("jax-compilation-cache"))
 
 
 @pytest.fixture(autouse=True, scope="module")
-def persistent_compilation_cache(_compile_cache_dir):
-    """Reuses compiled programs across the many ``train()`` calls of these tests (each builds a new
-    jitted step, so JAX's in-memory cache misses; the on-disk cache hits). Restored afterwards."""
-    old = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
-    jax.config.update("jax_compilation_cache_dir", _compile_cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    compilation_cache.reset_cache()
-    yield
-    for name, value in old.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
-
+def _compilation_cache(persistent_compilation_cache):
+    """Every module here uses the tests' persistent compilation cache (tests/conftest.py)."""
 
 # The tiny model of these tests: hidden 32, one layer, GQA, a BPE trained on the synthetic task.
 TINY = dict(family="llama", hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2, num_layers=1,
@@ -117,77 +97,6 @@ def make_config(tiny_model_dir, data_file):
         return c
 
     return make
-
-
-def write_recipe(config, path) -> str:
-    """Writes a recipe file (``get_config()``) that rebuilds ``config``: for ``python -m jaxalign.train``."""
-    values = {}
-
-    def walk(node, prefix=""):
-        for key, value in node.items():
-            if hasattr(value, "items"):
-                walk(value, f"{prefix}{key}.")
-            else:
-                values[f"{prefix}{key}"] = value
-
-    walk(config)
-    path = os.fspath(path)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(
-            "from jaxalign.train.config import base_config\n\n\n"
-            f"VALUES = {values!r}\n\n\n"
-            "def get_config():\n"
-            "    c = base_config()\n"
-            "    for key, value in VALUES.items():\n"
-            "        *parents, leaf = key.split('.')\n"
-            "        node = c\n"
-            "        for p in parents:\n"
-            "            node = node[p]\n"
-            "        node[leaf] = value\n"
-            "    return c\n"
-        )
-    return path
-
-
-@pytest.fixture(scope="session")
-def recipe_file():
-    """``recipe_file(config, path) -> path``: see ``write_recipe``."""
-    return write_recipe
-
-
-@pytest.fixture(scope="session")
-def cli_env(_compile_cache_dir):
-    """Environment for ``python -m jaxalign.train`` subprocesses: this checkout on the path, CPU,
-    the tests' 8 fake devices, and the tests' persistent compilation cache (shared programs)."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ)
-    env.update(
-        PYTHONPATH=os.pathsep.join([root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-        JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=_compile_cache_dir,
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-    )
-    for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_JOB_ID"):
-        env.pop(key, None)
-    return env
-
-
-def _checkpoint_arrays(checkpoint_dir, step: int) -> dict[str, np.ndarray]:
-    import orbax.checkpoint as ocp
-
-    path = os.path.join(os.fspath(checkpoint_dir), str(step), "state")
-    checkpointer = ocp.PyTreeCheckpointer()
-    tree = checkpointer.metadata(path).item_metadata.tree
-    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    restored = checkpointer.restore(path, restore_args=args)
-    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
-
-
-@pytest.fixture(scope="session")
-def checkpoint_arrays():
-    """``checkpoint_arrays(checkpoint_dir, step) -> {path: numpy array}``: the saved state as
-    host arrays, read straight from the files (no trainer, no mesh)."""
-    return _checkpoint_arrays
 
 
 def _metrics_by_step(workdir: str) -> dict[int, dict]:
