@@ -24,12 +24,14 @@ For one (prompt, completion) the encoder produces ``ids = prompt_ids + completio
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 import numpy as np
 
+from jaxalign.data.prompt_cut import cuttable, last_cut
 from jaxalign.data.records import (
     FieldError,
     PreferenceRecord,
@@ -41,7 +43,6 @@ from jaxalign.data.records import (
 __all__ = ["EncodedPair", "EncodedSequence", "Encoder", "EncodedExample", "batch_ids"]
 
 BoundaryPolicy = Literal["split", "error"]
-IdsOf = Callable[[str], list[int]]
 Rendered = tuple[str, str, str]  # (prompt_text, completion_text, field)
 
 
@@ -193,12 +194,15 @@ class Encoder:
 
     def encode_sequence(self, prompt: Text, completion: Text, field: str = "chosen") -> EncodedSequence:
         """Encodes one prompt + completion; ``field`` names the completion in errors."""
-        return self._sequence(*self._render(prompt, completion, field), field, self._ids)
+        return self._sequence(*self._render(prompt, completion, field), field)
 
-    def _sequence(self, prompt_text: str, completion_text: str, field: str, ids_of: IdsOf) -> EncodedSequence:
-        """The sequence of rendered texts; ``ids_of(text)`` tokenizes (one at a time or from a batch)."""
-        prompt_ids = ids_of(prompt_text)
-        full_ids = ids_of(prompt_text + completion_text)
+    def _sequence(self, prompt_text: str, completion_text: str, field: str) -> EncodedSequence:
+        """The sequence of rendered texts, tokenized one text at a time."""
+        return self._assemble(self._ids(prompt_text), self._ids(prompt_text + completion_text), completion_text, field)
+
+    def _assemble(self, prompt_ids: list[int], full_ids: list[int], completion_text: str,
+                  field: str) -> EncodedSequence:
+        """The sequence of ``tok(prompt_text)`` and ``tok(prompt_text + completion_text)``."""
         if full_ids[: len(prompt_ids)] == prompt_ids:
             completion_ids = full_ids[len(prompt_ids):]
         elif self.on_boundary_merge == "error":
@@ -209,7 +213,7 @@ class Encoder:
             )
         else:
             self.boundary_merges += 1
-            completion_ids = ids_of(completion_text)
+            completion_ids = self._ids(completion_text)
         prompt_ids, has_bos = self._with_bos(prompt_ids)
         completion_ids = self._end_with_eos(completion_ids)
         if not prompt_ids:
@@ -252,42 +256,67 @@ class Encoder:
         return out
 
     def _example(self, record: PreferenceRecord | SFTRecord, rendered: list[Rendered | FieldError],
-                 ids_of: IdsOf) -> EncodedPair | EncodedExample:
+                 ids: list[tuple[list[int], list[int]] | None]) -> EncodedPair | EncodedExample:
         sequences = []
-        for part in rendered:
+        for part, part_ids in zip(rendered, ids):
             if isinstance(part, FieldError):
                 raise part
-            sequences.append(self._sequence(*part, ids_of))
+            sequences.append(self._assemble(*part_ids, part[1], part[2]))
         if isinstance(record, PreferenceRecord):
             return EncodedPair(sequences[0], sequences[1], record.index)
         return EncodedExample(sequences[0], record.index)
+
+    @cached_property
+    def _cuttable(self) -> bool:
+        return cuttable(self.tokenizer)
+
+    def _tokenized(self, parts: list[Rendered]) -> list[tuple[list[int], list[int]]]:
+        """``(tok(prompt_text), tok(prompt_text + completion_text))`` of every part, from one call
+        of the tokenizer's batch API; with a ``cuttable`` tokenizer the prompt's head is tokenized
+        once (``jaxalign.data.prompt_cut``), and a part whose cut does not hold is tokenized whole."""
+        plans = []  # (prompt text, tail or None, the text whose ids follow the prompt's head)
+        for prompt_text, completion_text, _ in parts:
+            k = last_cut(prompt_text) if self._cuttable else 0
+            tail = prompt_text[k:] if k else None
+            plans.append((prompt_text, tail, (tail if k else prompt_text) + completion_text))
+        texts = list(dict.fromkeys(t for plan in plans for t in plan if t is not None))
+        table = dict(zip(texts, batch_ids(self.tokenizer, texts)))
+        out = []
+        for (prompt_text, tail, rest), (_, completion_text, _) in zip(plans, parts):
+            prompt_ids = table[prompt_text]
+            if tail is None:
+                out.append((prompt_ids, table[rest]))
+                continue
+            head = len(prompt_ids) - len(table[tail])
+            if head >= 0 and prompt_ids[head:] == table[tail]:
+                out.append((prompt_ids, prompt_ids[:head] + table[rest]))
+            else:
+                out.append((prompt_ids, self._ids(prompt_text + completion_text)))
+        return out
 
     def encode_many(
         self, records: Sequence[PreferenceRecord | SFTRecord | PromptRecord]
     ) -> list[EncodedPair | EncodedExample | FieldError]:
         """``encode(record)`` for every record (its example, or the ``FieldError`` it raises), bit
-        for bit, but with every distinct text tokenized in one call of the tokenizer's batch API."""
+        for bit, but tokenized in one call of the tokenizer's batch API (``_tokenized``)."""
         rendered: list[list[Rendered | FieldError] | FieldError] = []
         for record in records:
             try:
                 rendered.append(self._rendered(record))
             except FieldError as e:
                 rendered.append(e)
-        texts = list(dict.fromkeys(
-            text for parts in rendered if not isinstance(parts, FieldError)
-            for part in parts if not isinstance(part, FieldError) for text in (part[0], part[0] + part[1])
-        ))
-        table = dict(zip(texts, batch_ids(self.tokenizer, texts)))
-
-        def ids_of(text: str) -> list[int]:  # a boundary merge's completion alone is not in the batch
-            return list(table[text]) if text in table else self._ids(text)
-
+        tokens = iter(self._tokenized([
+            part for parts in rendered if not isinstance(parts, FieldError)
+            for part in parts if not isinstance(part, FieldError)
+        ]))
         out: list[EncodedPair | EncodedExample | FieldError] = []
         for record, parts in zip(records, rendered):
+            if isinstance(parts, FieldError):
+                out.append(parts)
+                continue
+            ids = [None if isinstance(part, FieldError) else next(tokens) for part in parts]
             try:
-                if isinstance(parts, FieldError):
-                    raise parts
-                out.append(self._example(record, parts, ids_of))
+                out.append(self._example(record, parts, ids))
             except FieldError as e:
                 out.append(e)
         return out
