@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from jaxalign.caches.store import ArrayStore
 from jaxalign.data.batching import bucket_ladder
+from jaxalign.data.store import ArrayStore
 from jaxalign.sampling import SamplingConfig, sample
 
 __all__ = ["load_or_sample", "sample_completions"]

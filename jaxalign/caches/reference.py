@@ -27,8 +27,8 @@ import numpy as np
 
 from jaxalign import parallel
 from jaxalign.caches.fingerprint import fingerprint, host_array
-from jaxalign.caches.store import ArrayStore
 from jaxalign.data.loader import Loader
+from jaxalign.data.store import ArrayStore
 
 __all__ = [
     "CoverageError",

@@ -41,10 +41,10 @@ import numpy as np
 from jaxalign import parallel
 from jaxalign.caches.fingerprint import fingerprint, host_array
 from jaxalign.caches.reference import cache_loader
-from jaxalign.caches.store import ArrayStore
 from jaxalign.data.batching import loss_mask
 from jaxalign.data.encoding import EncodedExample, EncodedPair
 from jaxalign.data.loader import Loader
+from jaxalign.data.store import ArrayStore
 
 __all__ = [
     "SideCache",

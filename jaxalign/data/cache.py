@@ -42,7 +42,7 @@ __all__ = ["CACHE_VERSION", "cache_key", "cached", "default_cache_dir", "source_
 log = logging.getLogger(__name__)
 
 # Bump when what an entry holds for a key changes (encoding, truncation or storage rules).
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def default_cache_dir() -> str:

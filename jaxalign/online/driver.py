@@ -46,13 +46,13 @@ from jaxalign import models, parallel
 from jaxalign.caches.calibration import CalibratedPair
 from jaxalign.caches.fingerprint import host_array
 from jaxalign.caches.reference import ReferenceCache
-from jaxalign.caches.store import ArrayStore
 from jaxalign.data.batching import bucket_ladder, stack_micro_batches
 from jaxalign.data.dataset import DataReport, EncodedDataset
 from jaxalign.data.encoding import EncodedExample, EncodedPair, EncodedSequence
 from jaxalign.data.formats import KeyMap
 from jaxalign.data.loader import Loader
 from jaxalign.data.records import DataError
+from jaxalign.data.store import ArrayStore
 from jaxalign.models.lora import adapters_off, join_adapters
 from jaxalign.objectives import Objective, from_config
 from jaxalign.online import pairs as pairing

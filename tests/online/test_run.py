@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from jaxalign.caches.store import ArrayStore
+from jaxalign.data.store import ArrayStore
 from jaxalign.online.prompts import at_positions, load_prompts, split_eval
 from jaxalign.tokenizers import stop_ids
 from jaxalign.train.metrics import read_metrics

@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from jaxalign.caches.store import ArrayStore
+from jaxalign.data.store import ArrayStore
 from jaxalign.online import driver
 from jaxalign.train.metrics import read_metrics
 

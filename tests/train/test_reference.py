@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from jaxalign.data.store import ArrayStore
 from jaxalign.train.loop import train
 from jaxalign.caches.reference import ReferenceCache
-from jaxalign.caches.store import ArrayStore
 from jaxalign.train.run import prepare
 
 
