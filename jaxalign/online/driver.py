@@ -28,12 +28,13 @@ phase, with the same seeds, and ends with the same parameters as an uninterrupte
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -43,16 +44,17 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxalign import models, parallel
-from jaxalign.caches.calibration import CalibratedPair
+from jaxalign.caches.calibration import attach_samples
 from jaxalign.caches.fingerprint import host_array
 from jaxalign.caches.reference import ReferenceCache
 from jaxalign.data.batching import bucket_ladder, stack_micro_batches
 from jaxalign.data.dataset import DataReport, EncodedDataset
 from jaxalign.data.encoding import EncodedExample, EncodedPair, EncodedSequence
+from jaxalign.data.flat import FlatExamples, flatten, join
 from jaxalign.data.formats import KeyMap
 from jaxalign.data.loader import Loader
 from jaxalign.data.records import DataError
-from jaxalign.data.store import ArrayStore
+from jaxalign.data.store import ArrayStore, read_store, save_examples
 from jaxalign.models.lora import adapters_off, join_adapters
 from jaxalign.objectives import Objective, from_config
 from jaxalign.online import pairs as pairing
@@ -452,56 +454,72 @@ def _calibration(run: Online, files: RoundFiles, prompts: list[Prompt], referenc
     return mine
 
 
-def _trained_pairs(run: Online, files: RoundFiles, samples: Round,
-                   result: pairing.Pairing) -> list[tuple[Round, int, int, int]]:
-    """``(round samples, prompt row, chosen, rejected)`` of the pairs trained on this round:
-    with ``all_rounds`` those of earlier rounds (read from their files), then this round's."""
-    out = []
-    if run.config.online.train_on == "all_rounds":
-        for r in range(1, files.index):
-            earlier_files = RoundFiles(run.workdir, r)
-            if not earlier_files.has("pairs.jsonl"):
-                continue
-            earlier = _sample_round(run, earlier_files, None)[0]
-            row = {int(p): m for m, p in enumerate(earlier.positions)}
-            out += [(earlier, row[line["position"]], line["chosen_sample"], line["rejected_sample"])
-                    for line in earlier_files.read("pairs.jsonl")]
-    return out + [(samples, m, c, r) for m, c, r in result.pairs]
+def _round_pairs(run: Online, files: RoundFiles, build: Callable[[], list[EncodedPair]]) -> FlatExamples:
+    """The round's pairs as flat examples (index = the prompt's index), kept in the round's
+    ``pairs/`` store: read from it, or ``build()`` and written there (process 0)."""
+    path = files.path("pairs")
+    if ArrayStore(path).exists():
+        return read_store(path)[0]
+    pairs = flatten(build(), 2)
+    if run.is_main:
+        save_examples(path, pairs)
+    return pairs
+
+
+def _encoded_pairs(run: Online, samples: Round, pairs: list[tuple[int, int, int]]) -> list[EncodedPair]:
+    """``(prompt row, chosen, rejected)`` of ``samples`` as encoded pairs indexed by prompt."""
+    return [EncodedPair(_sequence(run, samples.prompts[m].ids, samples.completions[m][c]),
+                        _sequence(run, samples.prompts[m].ids, samples.completions[m][r]), samples.prompts[m].index)
+            for m, c, r in pairs]
+
+
+def _earlier_pairs(run: Online, r: int) -> FlatExamples | None:
+    """Round ``r``'s pairs (from its store; a run directory written before the store existed:
+    rebuilt from the round's files), or None when the round made none."""
+    files = RoundFiles(run.workdir, r)
+    if not files.has("pairs.jsonl"):
+        return None
+
+    def build() -> list[EncodedPair]:
+        earlier = _sample_round(run, files, None)[0]
+        row = {int(p): m for m, p in enumerate(earlier.positions)}
+        return _encoded_pairs(run, earlier, [(row[line["position"]], line["chosen_sample"], line["rejected_sample"])
+                                             for line in files.read("pairs.jsonl")])
+
+    return _round_pairs(run, files, build)
 
 
 def _reference_round(run: Online, files: RoundFiles, samples: Round, result: pairing.Pairing, state: Any,
-                     ) -> tuple[list[Any], ReferenceCache | None, np.ndarray | None]:
+                     ) -> tuple[Sequence[Any], ReferenceCache | None, np.ndarray | None]:
     """``(training examples, their reference cache, reference log-probs [M, K] of the round's
-    samples)``. One forward pass of the reference over the round's samples, the earlier
-    rounds' training pairs (``all_rounds``) and VPO's calibration sequences, stored in
-    ``reference/``: computed once per round, never per epoch."""
-    trained = _trained_pairs(run, files, samples, result)
-    vpo = run.objective.sequences_per_pair == 3
+    samples)``. The training pairs are this round's, after (``all_rounds``) those of the earlier
+    rounds, read memory-mapped from the rounds' ``pairs/`` stores. One forward pass of the
+    reference over the round's samples, the earlier rounds' pairs and VPO's calibration
+    sequences, stored in ``reference/``: computed once per round, never per epoch."""
+    earlier = range(1, files.index) if run.config.online.train_on == "all_rounds" else range(0)
+    parts = [p for p in map(functools.partial(_earlier_pairs, run), earlier) if p is not None]
+    current = _round_pairs(run, files, lambda: _encoded_pairs(run, samples, result.pairs))
+    pairs = join([*parts, current], 2)
+    prompt_index = np.asarray(pairs.record_index)
+    pairs = dataclasses.replace(pairs, record_index=np.arange(len(pairs), dtype=np.int64))
     reference = run.initial_reference if run.initial_reference is not None else model_params(run, state.params)
-    calibration = (_calibration(run, files, [src.prompts[row] for src, row, _, _ in trained], reference)
-                   if vpo and trained else {})
     m, k = samples.stopped.shape
+    # the reference pass: the round's samples (this round's pairs are among them), the earlier pairs
     sequences = [_sequence(run, p.ids, x) for p, ids in zip(samples.prompts, samples.completions) for x in ids]
-
-    def position(source: Round, row: int, s: int) -> int:
-        if source is samples:
-            return row * k + s
-        sequences.append(_sequence(run, source.prompts[row].ids, source.completions[row][s]))
-        return len(sequences) - 1
-
-    examples, columns = [], []
-    for i, (source, row, c, r) in enumerate(trained):
-        prompt = source.prompts[row]
-        pair = (_sequence(run, prompt.ids, source.completions[row][c]),
-                _sequence(run, prompt.ids, source.completions[row][r]))
-        where = [position(source, row, c), position(source, row, r)]
-        if vpo:
-            sequences.append(_sequence(run, prompt.ids, calibration[prompt.index]))
-            where.append(len(sequences) - 1)
-            examples.append(CalibratedPair(*pair, sequences[-1], i))
-        else:
-            examples.append(EncodedPair(*pair, i))
-        columns.append(where)
+    earlier_pairs = len(pairs) - len(current)
+    sequences += [seq for pair in pairs[:earlier_pairs] for seq in pair.sequences]
+    columns = [[m * k + 2 * i, m * k + 2 * i + 1] for i in range(earlier_pairs)]
+    columns += [[row * k + c, row * k + r] for row, c, r in result.pairs]
+    vpo = run.objective.sequences_per_pair == 3
+    examples: Sequence[Any] = pairs
+    if vpo and len(pairs):  # one calibration sample per prompt
+        by_index = {p.index: p for p in run.train_prompts}
+        calibration = _calibration(run, files, [by_index[i] for i in dict.fromkeys(prompt_index.tolist())], reference)
+        samples_of = [calibration[i] for i in prompt_index.tolist()]
+        examples = attach_samples(pairs, samples_of)
+        for i, example in enumerate(examples):
+            sequences.append(example.calibration)
+            columns[i].append(len(sequences) - 1)
     if not run.objective.uses_reference:
         return examples, None, None
     store = ArrayStore(files.path("reference"))

@@ -7,8 +7,12 @@
   ``components`` (each scorer's raw values);
 * ``pairs.jsonl``: one line per pair: ``position``, ``prompt``, ``chosen`` / ``rejected`` (text),
   their rewards and sample numbers;
+* ``pairs/``: the same pairs tokenized (a ``jaxalign.data.store`` of ``FlatExamples``, each
+  pair's index its prompt's index), from which ``online.train_on = "all_rounds"`` reads the
+  earlier rounds' pairs memory-mapped;
 * ``calibration.jsonl`` (online VPO): the reference's calibration sample of each prompt;
-* ``reference/``: the reference log-probs of the round's sequences (an ``ArrayStore``);
+* ``reference/``: the reference log-probs of the round's sequences (an ``ArrayStore``: ``logps`` of the round's samples, then of
+  the earlier rounds' pairs and of VPO's calibration sequences);
 * ``timings.json``: the seconds of the phases done (a resumed round logs the time they took);
 * ``summary.json``: the round's metrics, written last: a round with a summary is complete.
 

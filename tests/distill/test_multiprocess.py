@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from jaxalign.data.store import ArrayStore
 from jaxalign.data.synthetic import synthetic_records
 from jaxalign.models.tiny import write_tiny_checkpoint
 from jaxalign.train.cli import main
@@ -46,9 +47,9 @@ def _flags(root, workdir) -> list[str]:
 
 def _cache_arrays(workdir) -> dict[str, np.ndarray]:
     root = os.path.join(workdir, "distill_cache")
-    return {f"{entry.split('-')[0]}/{name}": np.load(os.path.join(root, entry, name))
-            for entry in sorted(os.listdir(root)) for name in sorted(os.listdir(os.path.join(root, entry)))
-            if name.endswith(".npy")}
+    return {f"{entry.split('-')[0]}/{name}": np.asarray(value)
+            for entry in sorted(os.listdir(root))
+            for name, value in sorted(ArrayStore(os.path.join(root, entry)).read().items())}
 
 
 @pytest.mark.slow

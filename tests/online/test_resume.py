@@ -39,7 +39,7 @@ def test_kill_9_in_a_phase_then_resume_matches_the_uninterrupted_run(phase, refe
     assert helpers.round_summary(workdir, 1) is not None and helpers.round_summary(workdir, 2) is None
     end_of_one = round_one_end(reference_run)
     written = {"sample": set(), "score": {"samples.jsonl", "timings.json"},
-               "train": {"samples.jsonl", "rewards.jsonl", "pairs.jsonl", "reference", "timings.json"}}[phase]
+               "train": {"samples.jsonl", "rewards.jsonl", "pairs.jsonl", "pairs", "reference", "timings.json"}}[phase]
     assert (set(os.listdir(two)) if two.exists() else set()) == written
     # the checkpoints: the end of round 1, and in training one step of round 2 (checkpoint_every = 1)
     assert max(helpers.checkpoint_steps(workdir)) == end_of_one + (phase == "train")

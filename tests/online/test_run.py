@@ -43,7 +43,8 @@ def test_the_run_finishes_and_writes_every_round(reference_run, workdir):
     assert os.listdir(os.path.join(workdir, "rounds", "0000")) == ["summary.json"]
     for r in (1, 2):
         names = set(os.listdir(os.path.join(workdir, "rounds", f"{r:04d}")))
-        assert names == {"samples.jsonl", "rewards.jsonl", "pairs.jsonl", "reference", "timings.json", "summary.json"}, names
+        assert names == {"samples.jsonl", "rewards.jsonl", "pairs.jsonl", "pairs", "reference", "timings.json",
+                         "summary.json"}, names
 
 
 def test_samples_hold_the_documented_fields(rounds, reference_run, tokenizer, records, tiny_model_dir):

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 
 import numpy as np
 
-from jaxalign.data.store import ArrayStore
+from jaxalign.data.store import ArrayStore, read_store
 from jaxalign.online import driver
 from jaxalign.train.metrics import read_metrics
 
@@ -42,6 +43,22 @@ def test_all_rounds_trains_round_2_on_the_pairs_of_both_rounds(make_config, help
     # the same sequences under the same (initial) reference
     np.testing.assert_allclose(two[M * K:], one[earlier], rtol=0, atol=1e-4)
     assert helpers.round_summary(workdir, 2)["online/pairs"] == pairs[2]
+    # each round's pairs are kept tokenized in its store (what round 2 read round 1's pairs from),
+    # and a run directory without the stores (an older run) rebuilds the same examples
+    run = driver.prepare(make_config(**{"online.train_on": "all_rounds"}), workdir)
+    for r in (1, 2):
+        stored, _ = read_store(os.path.join(workdir, "rounds", f"{r:04d}", "pairs"))
+        assert isinstance(stored.tokens, np.memmap) and len(stored) == pairs[r]
+        lines = {line["position"]: line for line in helpers.read_round(workdir, r, "samples.jsonl")}
+        for pair, line in zip(stored, helpers.read_round(workdir, r, "pairs.jsonl"), strict=True):
+            sample = lines[line["position"]]
+            assert pair.index == sample["prompt_index"]
+            for seq, side in zip(pair.sequences, ("chosen_sample", "rejected_sample")):
+                completion = sample["completion_ids"][line[side]]
+                assert seq.ids[seq.prompt_len:].tolist() == completion
+        shutil.rmtree(os.path.join(workdir, "rounds", f"{r:04d}", "pairs"))
+        rebuilt = driver._earlier_pairs(run, r)
+        assert rebuilt.fingerprint() == stored.fingerprint() and len(rebuilt) == pairs[r]
 
 
 def test_previous_round_reference_is_the_policy_at_the_start_of_the_round(make_config, helpers, tmp_path,
