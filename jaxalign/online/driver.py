@@ -28,7 +28,6 @@ phase, with the same seeds, and ends with the same parameters as an uninterrupte
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 import signal
@@ -497,7 +496,7 @@ def _reference_round(run: Online, files: RoundFiles, samples: Round, result: pai
     reference over the round's samples, the earlier rounds' pairs and VPO's calibration
     sequences, stored in ``reference/``: computed once per round, never per epoch."""
     earlier = range(1, files.index) if run.config.online.train_on == "all_rounds" else range(0)
-    parts = [p for p in map(functools.partial(_earlier_pairs, run), earlier) if p is not None]
+    parts = [p for r in earlier if (p := _earlier_pairs(run, r)) is not None]
     current = _round_pairs(run, files, lambda: _encoded_pairs(run, samples, result.pairs))
     pairs = join([*parts, current], 2)
     prompt_index = np.asarray(pairs.record_index)
