@@ -168,10 +168,13 @@ def make_train_step(
         metrics = {k: _combine(v, shares) for k, v in metrics_.items()}
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         rng, _ = jax.random.split(state.rng)
-        new_state = guarded_state(state, params, opt_state, rng, finite, max_consecutive_nonfinite)
+
+        def update(grads: Any, opt_state: Any, params: Any) -> tuple[Any, Any]:
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        new_state = guarded_state(state, update, grads, rng, finite, max_consecutive_nonfinite)
         metrics.update(
             loss=loss,
             grad_norm=grad_norm,
